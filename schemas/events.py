@@ -1,0 +1,252 @@
+"""Wire formats of emotion-stream, as pydantic v2 models.
+
+Every event carries ``schema_version``. Minor versions (``1.x``) only ever add optional fields, so a
+reader of ``1`` can read any ``1.x``; a new major version is a breaking change.
+The JSON Schema files beside this module are generated from these models (``emoworker schema
+--write``) and a test fails when they are stale.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+SCHEMA_VERSION = "1.0"
+SUPPORTED_INPUT_MAJOR = "1"
+MAX_ID_CHARS = 512
+
+
+def visible_text(text: str) -> str:
+    """The text without white space, control and format characters (zero-width, direction marks).
+
+    A post whose text has nothing left is blank: there is nothing to classify.
+    """
+    return "".join(
+        ch for ch in text if not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf")
+    )
+
+
+def check_schema_version(value: str) -> str:
+    if value.split(".", 1)[0] != SUPPORTED_INPUT_MAJOR:
+        raise PydanticCustomError(
+            "unsupported_schema_version",
+            "schema_version '{version}' is not supported: this worker reads version {major}.x",
+            {"version": value, "major": SUPPORTED_INPUT_MAJOR},
+        )
+    return value
+
+
+class SocialPost(BaseModel):
+    """A social post to classify (the input topic). Unknown fields are kept and passed through."""
+
+    model_config = ConfigDict(extra="allow", title="SocialPost")
+
+    schema_version: StrictStr = Field(
+        SCHEMA_VERSION, description="Input format version; any 1.x is accepted."
+    )
+    id: Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)] = Field(
+        description="Unique id of the post; the key of its enriched event."
+    )
+    text: StrictStr = Field(description="The post's text; must hold visible characters.")
+    author: StrictStr | None = Field(None, description="Author handle or id.")
+    platform: StrictStr | None = Field(None, description="Where the post comes from, e.g. reddit.")
+    created_at: AwareDatetime | None = Field(
+        None, description="When the post was written (RFC 3339, with a time zone)."
+    )
+    lang: StrictStr | None = Field(None, description="Language tag, e.g. en.")
+    metadata: dict[str, Any] | None = Field(None, description="Free-form object, passed through.")
+
+    _check_version = field_validator("schema_version")(check_schema_version)
+
+    @field_validator("id")
+    @classmethod
+    def _id_not_blank(cls, value: str) -> str:
+        if not visible_text(value):
+            raise PydanticCustomError("blank_id", "id must hold visible characters")
+        return value
+
+    @field_validator("text")
+    @classmethod
+    def _text_not_blank(cls, value: str) -> str:
+        if not visible_text(value):
+            raise PydanticCustomError(
+                "blank_text", "text is empty or holds only white space or invisible characters"
+            )
+        return value
+
+
+class EmotionScore(BaseModel):
+    label: str = Field(description="Emotion name (the model's label).")
+    probability: float = Field(description="Mean of the sigmoid outputs over the MC samples.")
+    uncertainty: float | None = Field(
+        description="Standard deviation of the sigmoid outputs over the MC samples (null when "
+        "the model runs deterministically)."
+    )
+    threshold: float = Field(description="Decision threshold of this label.")
+    predicted: bool = Field(description="probability >= threshold (or the fallback top label).")
+    flip_rate: float | None = Field(
+        None,
+        description="Share of MC samples on the other side of the threshold from the mean.",
+    )
+
+
+class UncertaintySummary(BaseModel):
+    """Per-post uncertainty from the MC samples (nats; formulas in the README)."""
+
+    predictive_entropy: float | None = Field(
+        description="Total uncertainty: summed binary entropy of the mean probabilities."
+    )
+    expected_entropy: float | None = Field(
+        description="Aleatoric part: mean over samples of the summed binary entropy."
+    )
+    mutual_information: float | None = Field(
+        description="Epistemic part (BALD): predictive_entropy - expected_entropy."
+    )
+    review_score: float | None = Field(
+        description="The score the review policy ranks posts by (higher: more uncertain)."
+    )
+    max_flip_rate: float | None = Field(
+        None, description="Largest per-label share of samples across the threshold."
+    )
+    n_samples: int = Field(description="MC samples actually drawn for this post.")
+
+
+class ReviewReason(BaseModel):
+    rule: str = Field(description="The policy rule that fired, e.g. ambiguous_label.")
+    message: str = Field(description="Human-readable explanation.")
+    label: str | None = Field(None, description="The label concerned, if any.")
+    value: float | None = Field(None, description="The measured value that triggered the rule.")
+    cut: float | None = Field(None, description="The configured cut it was compared with.")
+
+
+class ModelInfo(BaseModel):
+    name: str = Field(description="Model name or path.")
+    revision: str | None = Field(None, description="Revision or content hash of the weights.")
+    n_samples: int = Field(description="Configured MC samples (the most a post receives).")
+    mc_mode: str = Field(description="full, fast or off.")
+
+
+class KafkaSource(BaseModel):
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None = Field(None, description="The record's Kafka timestamp.")
+
+
+class FileSource(BaseModel):
+    path: str
+    line: int = Field(description="1-based line number in the input file.")
+
+
+class EnrichedPost(BaseModel):
+    """One per valid input post (the enriched topic, key = post id)."""
+
+    model_config = ConfigDict(title="EnrichedPost")
+
+    schema_version: str = SCHEMA_VERSION
+    id: str = Field(description="The post's id.")
+    post: SocialPost = Field(description="The input post as received, unknown fields included.")
+    emotions: list[EmotionScore] = Field(description="One entry per label of the model.")
+    predicted_labels: list[str] = Field(
+        description="Labels at or above their threshold; never empty (falls back to the most "
+        "probable label)."
+    )
+    top_label: str = Field(description="The most probable label.")
+    uncertainty: UncertaintySummary
+    needs_review: bool = Field(description="True when a review request was published.")
+    review_reasons: list[ReviewReason] = Field(default_factory=list)
+    model: ModelInfo
+    processed_at: datetime
+    worker_id: str
+    source: KafkaSource | FileSource | None = None
+
+
+class ReviewRequest(BaseModel):
+    """A post sent to human review (the review topic, key = post id)."""
+
+    model_config = ConfigDict(title="ReviewRequest")
+
+    schema_version: str = SCHEMA_VERSION
+    id: str
+    priority: int = Field(
+        ge=0,
+        le=100,
+        description="0-100, higher first: the percentile of this post's review score among "
+        "recent posts.",
+    )
+    review_score: float
+    reasons: list[ReviewReason] = Field(min_length=1)
+    post: SocialPost
+    predicted_labels: list[str]
+    emotions: list[EmotionScore]
+    uncertainty: UncertaintySummary
+    model: ModelInfo
+    requested_at: datetime
+    worker_id: str
+    source: KafkaSource | FileSource | None = None
+
+
+DeadLetterKind = Literal[
+    "tombstone",
+    "empty_message",
+    "message_too_large",
+    "invalid_utf8",
+    "invalid_json",
+    "not_an_object",
+    "missing_field",
+    "invalid_field",
+    "blank_text",
+    "text_too_long",
+    "nesting_too_deep",
+    "unsupported_schema_version",
+    "processing_error",
+]
+
+
+class DeadLetterError(BaseModel):
+    kind: DeadLetterKind
+    message: str = Field(description="What is wrong, in words.")
+    field: str | None = Field(None, description="The offending field, if any.")
+
+
+class DeadLetterPayload(BaseModel):
+    encoding: Literal["utf-8", "base64"] = Field(
+        description="utf-8: data is the message text; base64: the raw bytes."
+    )
+    data: str | None = Field(description="The original message (null for a tombstone).")
+    size_bytes: int = Field(description="Size of the original message.")
+    truncated: bool = Field(description="True when only the first bytes are kept.")
+    sha256: str | None = Field(description="SHA-256 of the whole original message.")
+
+
+class DeadLetter(BaseModel):
+    """A message that could not be processed (the dead-letter topic)."""
+
+    model_config = ConfigDict(title="DeadLetter")
+
+    schema_version: str = SCHEMA_VERSION
+    error: DeadLetterError
+    source: KafkaSource | FileSource
+    key_base64: str | None = Field(None, description="The record key, base64.")
+    payload: DeadLetterPayload
+    failed_at: datetime
+    worker_id: str
+
+
+EVENT_MODELS: dict[str, type[BaseModel]] = {
+    "social_post": SocialPost,
+    "enriched_post": EnrichedPost,
+    "review_request": ReviewRequest,
+    "dead_letter": DeadLetter,
+}

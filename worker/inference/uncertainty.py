@@ -1,0 +1,117 @@
+"""Uncertainty of a multi-label prediction from Monte Carlo Dropout samples.
+
+For a post with S samples of per-label sigmoid outputs p[s, l] and per-label thresholds t[l]
+(natural logarithms; H(p) = -p ln p - (1 - p) ln(1 - p) is the binary entropy):
+
+    mean[l]            = (1/S) sum_s p[s, l]
+    std[l]             = sqrt( sum_s (p[s, l] - mean[l])^2 / (S - 1) )          (0 when S = 1)
+    predictive_entropy = sum_l H(mean[l])                                      (total)
+    expected_entropy   = (1/S) sum_s sum_l H(p[s, l])                           (aleatoric)
+    mutual_information = predictive_entropy - expected_entropy                 (epistemic, BALD)
+    flip_rate[l]       = share of samples s with (p[s, l] >= t[l]) != (mean[l] >= t[l])
+    threshold_distance = min_l |mean[l] - t[l]| / (std[l] + eps)               (small: ambiguous)
+
+Samples arrive in chunks (adaptive sampling adds samples to some posts only), so the statistics are
+kept as running sums, in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+EPS = 1e-12
+STD_FLOOR = 1e-3  # in probability units; keeps threshold distances finite for very sure labels
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Elementwise H(p) in nats, safe at 0 and 1."""
+    q = p.clamp(EPS, 1 - EPS)
+    return -(q * q.log() + (1 - q) * torch.log1p(-q))
+
+
+class McAccumulator:
+    """Running sums over MC samples for a batch of posts (float64)."""
+
+    def __init__(self, n_posts: int, n_labels: int, thresholds: torch.Tensor) -> None:
+        self.thresholds = thresholds.to(torch.float64)
+        self.count = torch.zeros(n_posts, dtype=torch.float64)
+        self.sum = torch.zeros(n_posts, n_labels, dtype=torch.float64)
+        self.sum_sq = torch.zeros(n_posts, n_labels, dtype=torch.float64)
+        self.sum_entropy = torch.zeros(n_posts, dtype=torch.float64)
+        self.above = torch.zeros(n_posts, n_labels, dtype=torch.float64)
+
+    def add(self, rows: torch.Tensor, probs: torch.Tensor) -> None:
+        """Add one sample of ``probs`` (len(rows), n_labels) for the posts at ``rows``.
+
+        ``rows`` may repeat a post (several samples in one forward pass).
+        """
+        p = probs.detach().to(torch.float64).cpu()
+        rows = rows.cpu()
+        self.count.index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64))
+        self.sum.index_add_(0, rows, p)
+        self.sum_sq.index_add_(0, rows, p * p)
+        self.sum_entropy.index_add_(0, rows, binary_entropy(p).sum(dim=1))
+        self.above.index_add_(0, rows, (p >= self.thresholds).to(torch.float64))
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count.clamp(min=1).unsqueeze(1)
+
+    def std(self) -> torch.Tensor:
+        n = self.count.unsqueeze(1)
+        mean = self.mean()
+        var = (self.sum_sq - n * mean * mean) / (n - 1).clamp(min=1)
+        return var.clamp(min=0).sqrt() * (n > 1)
+
+    def standard_error(self) -> torch.Tensor:
+        return self.std() / self.count.clamp(min=1).sqrt().unsqueeze(1)
+
+    def summary(self) -> McSummary:
+        mean = self.mean()
+        std = self.std()
+        n = self.count.clamp(min=1)
+        predictive = binary_entropy(mean).sum(dim=1)
+        expected = self.sum_entropy / n
+        above_share = self.above / n.unsqueeze(1)
+        flip = torch.where(mean >= self.thresholds, 1 - above_share, above_share)
+        return McSummary(
+            mean=mean.numpy(),
+            std=std.numpy(),
+            n_samples=self.count.numpy().astype(np.int64),
+            predictive_entropy=predictive.numpy(),
+            expected_entropy=expected.numpy(),
+            mutual_information=(predictive - expected).clamp(min=0).numpy(),
+            flip_rate=flip.numpy(),
+        )
+
+
+@dataclass
+class McSummary:
+    """Per-post results: arrays with posts on the first axis."""
+
+    mean: np.ndarray  # (B, L)
+    std: np.ndarray  # (B, L)
+    n_samples: np.ndarray  # (B,)
+    predictive_entropy: np.ndarray  # (B,)
+    expected_entropy: np.ndarray  # (B,)
+    mutual_information: np.ndarray  # (B,)
+    flip_rate: np.ndarray  # (B, L)
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def threshold_distance(self, thresholds: np.ndarray) -> np.ndarray:
+        """Per post: the smallest |mean - threshold| over labels in units of that label's std."""
+        z = np.abs(self.mean - thresholds) / np.maximum(self.std, STD_FLOOR)
+        return np.asarray(z.min(axis=1))
+
+
+def summarise_samples(samples: np.ndarray, thresholds: np.ndarray) -> McSummary:
+    """The same statistics from a full array of samples (S, B, L): the reference in tests."""
+    acc = McAccumulator(samples.shape[1], samples.shape[2], torch.as_tensor(thresholds))
+    rows = torch.arange(samples.shape[1])
+    for s in range(samples.shape[0]):
+        acc.add(rows, torch.as_tensor(samples[s]))
+    return acc.summary()

@@ -1,0 +1,1 @@
+"""Kafka integration for the worker (clients, delivery, a local broker for tests and demos)."""

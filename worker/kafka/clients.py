@@ -1,0 +1,79 @@
+"""aiokafka clients built from the settings: connection, security and tuning in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.helpers import create_ssl_context
+
+from worker.settings import KafkaSettings
+
+
+def connection_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
+    """bootstrap servers, client id, TLS and SASL options for any aiokafka client."""
+    kwargs: dict[str, Any] = {
+        "bootstrap_servers": kafka.bootstrap_servers,
+        "client_id": kafka.client_id,
+        "security_protocol": kafka.security_protocol,
+        "request_timeout_ms": kafka.request_timeout_ms,
+        "retry_backoff_ms": kafka.retry_backoff_ms,
+    }
+    if kafka.security_protocol in ("SSL", "SASL_SSL"):
+        context = create_ssl_context(
+            cafile=kafka.ssl_cafile,
+            certfile=kafka.ssl_certfile,
+            keyfile=kafka.ssl_keyfile,
+            password=kafka.ssl_key_password.get_secret_value() if kafka.ssl_key_password else None,
+        )
+        context.check_hostname = kafka.ssl_check_hostname
+        kwargs["ssl_context"] = context
+    if kafka.security_protocol.startswith("SASL"):
+        kwargs["sasl_mechanism"] = kafka.sasl_mechanism
+        kwargs["sasl_plain_username"] = kafka.sasl_username
+        kwargs["sasl_plain_password"] = (
+            kafka.sasl_password.get_secret_value() if kafka.sasl_password else None
+        )
+    return kwargs
+
+
+def build_consumer(
+    kafka: KafkaSettings, group_id: str, max_poll_records: int, **overrides: Any
+) -> AIOKafkaConsumer:
+    """A group consumer with manual commits, reading only committed upstream transactions."""
+    kwargs = connection_kwargs(kafka) | {
+        "group_id": group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "isolation_level": "read_committed",
+        "max_poll_records": max_poll_records,
+        "max_poll_interval_ms": kafka.max_poll_interval_ms,
+        "session_timeout_ms": kafka.session_timeout_ms,
+        "heartbeat_interval_ms": kafka.heartbeat_interval_ms,
+        "fetch_max_bytes": kafka.fetch_max_bytes,
+        "max_partition_fetch_bytes": kafka.max_partition_fetch_bytes,
+    }
+    return AIOKafkaConsumer(**(kwargs | overrides))
+
+
+def build_producer(
+    kafka: KafkaSettings,
+    transactional_id: str | None = None,
+    transaction_timeout_ms: int = 60_000,
+    **overrides: Any,
+) -> AIOKafkaProducer:
+    """Idempotent, acks=all; transactional when ``transactional_id`` is given."""
+    kwargs = connection_kwargs(kafka) | {
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": kafka.producer_linger_ms,
+        "max_batch_size": 256 * 1024,
+        "max_request_size": kafka.producer_max_request_bytes,
+        "compression_type": None
+        if kafka.producer_compression == "none"
+        else kafka.producer_compression,
+    }
+    if transactional_id:
+        kwargs["transactional_id"] = transactional_id
+        kwargs["transaction_timeout_ms"] = transaction_timeout_ms
+    return AIOKafkaProducer(**(kwargs | overrides))

@@ -1,0 +1,75 @@
+"""Prometheus metrics of one worker (its own registry, so several pipelines can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.consumed = Counter(
+            "emoworker_posts_consumed", "Messages read from the input topic", registry=r
+        )
+        self.enriched = Counter(
+            "emoworker_posts_enriched", "Enriched events acknowledged by Kafka", registry=r
+        )
+        self.reviewed = Counter(
+            "emoworker_posts_reviewed", "Review requests acknowledged by Kafka", registry=r
+        )
+        self.dead_lettered = Counter(
+            "emoworker_posts_dead_lettered",
+            "Dead letters acknowledged by Kafka",
+            ["kind"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "emoworker_batch_size", "Posts per inference batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.inference_seconds = Histogram(
+            "emoworker_inference_seconds",
+            "MC Dropout time per batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            "emoworker_end_to_end_latency_seconds",
+            "Input record timestamp to enriched event acknowledged",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.mc_samples = Counter(
+            "emoworker_mc_samples", "MC Dropout samples drawn (posts x samples)", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "emoworker_consumer_lag",
+            "Messages behind the log end, per assigned partition",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "emoworker_in_flight_posts", "Consumed but not yet committed-ready", registry=r
+        )
+        self.review_rate = Gauge(
+            "emoworker_review_rate", "Share of posts routed to review so far", registry=r
+        )
+        self.review_target = Gauge(
+            "emoworker_review_target_rate", "Configured review budget (share)", registry=r
+        )
+        self.commits = Counter("emoworker_commits", "Offset commits", registry=r)
+        self.commit_failures = Counter(
+            "emoworker_commit_failures", "Offset commits that failed (retried)", registry=r
+        )
+        self.produce_retries = Counter(
+            "emoworker_produce_retries", "Output sends retried after an error", registry=r
+        )
+        self.rebalances = Counter("emoworker_rebalances", "Partition revocations seen", registry=r)
+        self.ready = Gauge(
+            "emoworker_ready", "1 when the model is loaded and partitions are assigned", registry=r
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,643 @@
+"""The streaming worker, top to bottom.
+
+    posts topic ─► consume ─► decode ─► micro-batch ─► tokenise ─► MC Dropout ─► route ─► publish
+                                                                                     │
+                           commit offsets only after every output is acknowledged ◄──┘
+
+Stages run as asyncio tasks joined by small bounded queues, so fetching and tokenising the next
+batch overlap inference of the current one and publishing of the previous one. Model work runs in
+a dedicated thread (torch releases the GIL), so the event loop keeps heartbeats flowing.
+
+Delivery guarantees:
+
+* at-least-once (default): a message's offset is committed only after all its outputs (enriched
+  event, review request or dead letter) are acknowledged, and after every earlier message of its
+  partition; a crash re-delivers what was not committed;
+* exactly-once (``exactly_once=true``): each batch's outputs and its consumed offsets are committed
+  in one Kafka transaction.
+
+Bad input never stops the worker: it becomes a dead letter and its offset advances like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaError,
+    UnknownTopicOrPartitionError,
+)
+
+from schemas import SocialPost
+from worker.batching import MicroBatcher
+from worker.decoding import DecodeFailure, DecodeLimits, decode_post
+from worker.http import HealthServer
+from worker.inference.loading import Classifier, load_classifier
+from worker.kafka.clients import build_consumer, build_producer
+from worker.kafka.delivery import DeliveryFailed, OutputRecord, Publisher, is_auth_error
+from worker.metrics import Metrics
+from worker.offsets import OffsetTracker
+from worker.processing import BatchProcessor, dead_letter_event
+from worker.settings import WorkerSettings
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK, EXIT_CONFIG, EXIT_KAFKA, EXIT_DELIVERY = 0, 1, 2, 3
+
+
+@dataclass
+class Inbound:
+    """One consumed message, decoded."""
+
+    tp: TopicPartition
+    offset: int
+    epoch: int
+    timestamp_ms: int | None
+    key: bytes | None
+    value: bytes | None
+    post: SocialPost | None
+    failure: DecodeFailure | None
+
+    def source(self) -> dict[str, Any]:
+        return {
+            "topic": self.tp.topic,
+            "partition": self.tp.partition,
+            "offset": self.offset,
+            "timestamp_ms": self.timestamp_ms,
+        }
+
+
+@dataclass
+class Batch:
+    """A micro-batch on its way through the stages."""
+
+    number: int
+    items: list[Inbound]
+    token_ids: list[list[int]] = field(default_factory=list)
+    outputs: list[list[OutputRecord]] = field(default_factory=list)  # per item
+
+
+class FatalError(Exception):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.pipeline.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.pipeline.on_assigned(set(assigned))
+
+
+class Pipeline:
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        classifier: Classifier | None = None,
+        processor_factory: Any = BatchProcessor,
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.limits = DecodeLimits(
+            max_message_bytes=settings.max_message_bytes, max_text_chars=settings.max_text_chars
+        )
+        self._classifier = classifier
+        self._processor_factory = processor_factory
+        self.processor: BatchProcessor | None = None
+        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self.batcher: MicroBatcher[Inbound] = MicroBatcher(
+            settings.batch_size,
+            settings.batch_max_wait_ms / 1000,
+            weight=lambda item: 1 if item.post is not None else 0,
+        )
+        self.assigned: set[TopicPartition] = set()
+        self.paused = False
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="emoworker-model")
+        self._cpu_thread = ThreadPoolExecutor(1, thread_name_prefix="emoworker-tokenize")
+        self._infer_q: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
+        self._publish_q: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
+        self._active: dict[TopicPartition, int] = {}  # items past the batcher, per partition
+        self._stop = asyncio.Event()
+        self._fatal: FatalError | None = None
+        self._model_ready = False
+        self._batches = 0
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.publisher: Publisher | None = None
+        self.http: HealthServer | None = None
+        self.exactly_once = settings.exactly_once
+
+    # ── lifecycle ────────────────────────────────────────────────────────────────────────────
+
+    def request_stop(self) -> None:
+        """Graceful stop: no more fetching; in-flight batches finish and are committed."""
+        if not self._stop.is_set():
+            log.info("stop requested: draining in-flight batches")
+        self._stop.set()
+
+    def ready(self) -> tuple[bool, str]:
+        if self._fatal is not None:
+            return False, "stopped after a fatal error"
+        if not self._model_ready:
+            return False, "loading model"
+        if self.consumer is None:
+            return False, "connecting to Kafka"
+        if not self.assigned:
+            return False, "no partitions assigned"
+        return True, "ok"
+
+    async def run(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        s = self.settings
+        if s.http_port:
+            self.http = HealthServer(
+                s.http_host,
+                s.http_port,
+                self.metrics.exposition,
+                live=lambda: self._fatal is None,
+                ready=self.ready,
+            )
+            await self.http.start()
+        try:
+            await self._load_model()
+            await self._connect()
+            if self._stop.is_set():
+                return EXIT_OK
+            await self._run_stages()
+        except FatalError as exc:
+            self._fatal = exc
+        finally:
+            await self._close()
+        if self._fatal is not None:
+            log.error("worker stopped", reason=str(self._fatal), exit_code=self._fatal.exit_code)
+            return self._fatal.exit_code
+        log.info("worker stopped cleanly")
+        return EXIT_OK
+
+    async def _load_model(self) -> None:
+        loop = asyncio.get_running_loop()
+        classifier = self._classifier
+        if classifier is None:
+            log.info("loading model", model=self.settings.model.path)
+            classifier = await loop.run_in_executor(
+                self._model_thread, load_classifier, self.settings.model
+            )
+        self.processor = self._processor_factory(classifier, self.settings)
+        self._model_ready = True
+        self.metrics.review_target.set(self.settings.review.target_rate or 0)
+        log.info(
+            "model ready",
+            model=classifier.name,
+            revision=classifier.revision,
+            labels=len(classifier.label_names),
+            mc_mode=self.processor.engine.mode if self.processor else None,
+            n_samples=self.processor.engine.n_samples if self.processor else None,
+        )
+
+    async def _connect(self) -> None:
+        """Start producer and consumer, retrying an unreachable cluster with backoff."""
+        s = self.settings
+        delay, started = 0.5, time.monotonic()
+        while not self._stop.is_set():
+            producer = build_producer(
+                s.kafka,
+                transactional_id=s.effective_transactional_id() if self.exactly_once else None,
+                transaction_timeout_ms=s.transaction_timeout_ms,
+            )
+            consumer = build_consumer(
+                s.kafka, s.group_id, max_poll_records=max(s.batch_size * 4, 256)
+            )
+            try:
+                await producer.start()
+                await consumer.start()
+            except Exception as exc:
+                await _stop_quietly(consumer, producer)
+                if is_auth_error(exc):
+                    raise FatalError(
+                        f"Kafka authentication failed ({type(exc).__name__}): check "
+                        "EMOWORKER_KAFKA__SASL_MECHANISM, _SASL_USERNAME and _SASL_PASSWORD",
+                        EXIT_KAFKA,
+                    ) from exc
+                if not isinstance(exc, KafkaConnectionError | KafkaError | OSError):
+                    raise
+                waited = time.monotonic() - started
+                if s.kafka.startup_timeout_s and waited > s.kafka.startup_timeout_s:
+                    raise FatalError(
+                        f"Kafka at {s.kafka.bootstrap_servers} unreachable for {waited:.0f}s",
+                        EXIT_KAFKA,
+                    ) from exc
+                log.warning(
+                    "Kafka not reachable yet; retrying",
+                    bootstrap_servers=s.kafka.bootstrap_servers,
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=round(delay, 1),
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self.producer, self.consumer = producer, consumer
+            self.publisher = Publisher(
+                producer, s.kafka.delivery_timeout_s, on_retry=self.metrics.produce_retries.inc
+            )
+            consumer.subscribe([s.topics.input], listener=_Rebalance(self))
+            log.info(
+                "connected",
+                bootstrap_servers=s.kafka.bootstrap_servers,
+                group_id=s.group_id,
+                input_topic=s.topics.input,
+                exactly_once=self.exactly_once,
+            )
+            return
+
+    async def _run_stages(self) -> None:
+        tasks = {
+            asyncio.create_task(self._consume(), name="consume"),
+            asyncio.create_task(self._prepare(), name="prepare"),
+            asyncio.create_task(self._infer(), name="infer"),
+            asyncio.create_task(self._publish(), name="publish"),
+        }
+        if not self.exactly_once:
+            tasks.add(asyncio.create_task(self._commit_loop(), name="commit"))
+        tasks.add(asyncio.create_task(self._lag_loop(), name="lag"))
+        stages = {t for t in tasks if t.get_name() in ("consume", "prepare", "infer", "publish")}
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait(stages | {stop}, return_when=asyncio.FIRST_COMPLETED)
+            grace = self.settings.shutdown_grace_s if self._stop.is_set() else None
+            done, pending = await asyncio.wait(
+                stages, timeout=grace, return_when=asyncio.FIRST_EXCEPTION
+            )
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            if pending and self._fatal is None:
+                log.warning(
+                    "grace period over: in-flight messages will be consumed again",
+                    grace_s=grace,
+                    uncommitted=self.tracker.pending(),
+                )
+            self._raise_if_fatal()
+        finally:
+            stop.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _close(self) -> None:
+        """Last commit (at-least-once), then close the clients and the HTTP server."""
+        # what is done is safe to commit, after a fault too: the tracker never moves past an
+        # unacknowledged output
+        await self._commit(final=True)
+        await _stop_quietly(self.consumer, self.producer)
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self._cpu_thread.shutdown(wait=False, cancel_futures=True)
+        if self.http is not None:
+            await self.http.stop()
+
+    # ── stage 1: consume and decode ─────────────────────────────────────────────────────────
+
+    def _backlog_limit(self) -> int:
+        return self.settings.max_in_flight_batches * self.settings.batch_size
+
+    async def _consume(self) -> None:
+        assert self.consumer is not None
+        consumer = self.consumer
+        while not self._stop.is_set() and self._fatal is None:
+            self._apply_backpressure()
+            try:
+                records = await consumer.getmany(timeout_ms=200, max_records=self._fetch_size())
+            except UnknownTopicOrPartitionError:
+                await asyncio.sleep(1)
+                continue
+            for tp, batch in records.items():
+                for record in batch:
+                    if tp not in self.assigned:
+                        continue  # revoked while the fetch was in flight
+                    epoch = self.tracker.track(tp, record.offset)
+                    self.metrics.consumed.inc()
+                    decoded = decode_post(record.value, self.limits)
+                    post = decoded if isinstance(decoded, SocialPost) else None
+                    failure = decoded if isinstance(decoded, DecodeFailure) else None
+                    item = Inbound(
+                        tp, record.offset, epoch, record.timestamp, record.key, record.value,
+                        post, failure,
+                    )  # fmt: skip
+                    self.batcher.add(item)
+            self.metrics.in_flight.set(self.tracker.pending())
+        self.batcher.close()
+
+    def _fetch_size(self) -> int:
+        return max(1, min(self.settings.batch_size * 4, self._backlog_limit()))
+
+    def _apply_backpressure(self) -> None:
+        """Pause fetching while the in-flight backlog is full; resume below half."""
+        assert self.consumer is not None
+        pending = self.tracker.pending()
+        if not self.paused and pending >= self._backlog_limit():
+            self.consumer.pause(*self.assigned)
+            self.paused = True
+        elif self.paused and pending <= self._backlog_limit() // 2:
+            self.consumer.resume(*self.consumer.assignment())
+            self.paused = False
+
+    # ── stage 2: batch and tokenise ─────────────────────────────────────────────────────────
+
+    def _current(self, items: list[Inbound], assigned_only: bool = False) -> list[Inbound]:
+        """Items whose partition was not revoked since they were consumed (and, with
+        ``assigned_only``, is not being revoked right now); the others are released."""
+        keep, drop = [], []
+        for item in items:
+            current = self.tracker.is_current(item.tp, item.epoch)
+            if current and (not assigned_only or item.tp in self.assigned):
+                keep.append(item)
+            else:
+                drop.append(item)
+        for item in drop:
+            self._release(item)
+        return keep
+
+    def _release(self, item: Inbound) -> None:
+        if item.tp in self._active:
+            self._active[item.tp] -= 1
+
+    async def _prepare(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.processor is not None
+        while True:
+            items = await self.batcher.next_batch()
+            if items is None:
+                break
+            for item in items:
+                self._active[item.tp] = self._active.get(item.tp, 0) + 1
+            items = self._current(items, assigned_only=True)
+            if not items:
+                continue
+            self._batches += 1
+            batch = Batch(self._batches, items)
+            posts = [i.post for i in items if i.post is not None]
+            if posts:
+                batch.token_ids = await loop.run_in_executor(
+                    self._cpu_thread, self.processor.tokenize, posts
+                )
+            await self._infer_q.put(batch)
+        await self._infer_q.put(None)
+
+    # ── stage 3: MC Dropout inference and routing ───────────────────────────────────────────
+
+    async def _infer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (batch := await self._infer_q.get()) is not None:
+            started = time.perf_counter()
+            batch.outputs = await loop.run_in_executor(self._model_thread, self._outputs, batch)
+            valid = sum(1 for i in batch.items if i.post is not None)
+            if valid:
+                self.metrics.batch_size.observe(valid)
+                self.metrics.inference_seconds.observe(time.perf_counter() - started)
+                self.metrics.mc_samples.inc(valid * self.processor.engine.n_samples)  # type: ignore[union-attr]
+            await self._publish_q.put(batch)
+        await self._publish_q.put(None)
+
+    def _outputs(self, batch: Batch) -> list[list[OutputRecord]]:
+        """Runs in the model thread: inference, routing and serialisation of one batch."""
+        assert self.processor is not None
+        topics = self.settings.topics
+        valid = [i for i in batch.items if i.post is not None]
+        routed_by_offset: dict[tuple[TopicPartition, int], Any] = {}
+        if valid:
+            routed = self.processor.process(
+                [i.post for i in valid if i.post is not None],
+                [i.source() for i in valid],
+                token_ids=batch.token_ids,
+            )
+            routed_by_offset = {(i.tp, i.offset): r for i, r in zip(valid, routed, strict=True)}
+        outputs: list[list[OutputRecord]] = []
+        for item in batch.items:
+            if item.failure is not None:
+                letter = dead_letter_event(
+                    item.failure,
+                    item.value,
+                    item.source(),
+                    item.key,
+                    self.settings.worker_id,
+                    self.settings.dead_letter_payload_bytes,
+                )
+                outputs.append(
+                    [
+                        OutputRecord(
+                            topics.dead_letter, item.key, orjson.dumps(letter), item.failure.kind
+                        )
+                    ]
+                )
+                continue
+            r = routed_by_offset[(item.tp, item.offset)]
+            key = r.post_id.encode("utf-8")
+            records = [OutputRecord(topics.enriched, key, r.enriched_bytes(), "enriched")]
+            review = r.review_bytes()
+            if review is not None:
+                records.append(OutputRecord(topics.review, key, review, "review"))
+            outputs.append(records)
+        return outputs
+
+    # ── stage 4: publish, then mark offsets done ────────────────────────────────────────────
+
+    async def _publish(self) -> None:
+        assert self.publisher is not None
+        acks: set[asyncio.Task[None]] = set()
+        while (batch := await self._publish_q.get()) is not None:
+            if self._fatal is not None:
+                break
+            if self.exactly_once:
+                await self._publish_transaction(batch)
+            else:
+                # acknowledgements are awaited in the background: the next batch publishes
+                # meanwhile; offsets advance only through the tracker
+                sent = await self.publisher.send_all(_flatten(batch.outputs))
+                task = asyncio.create_task(self._await_acks(batch, sent))
+                acks.add(task)
+                task.add_done_callback(acks.discard)
+                # at most a few batches awaiting acks: bounds memory if the cluster is slow
+                while len(acks) >= self.settings.max_in_flight_batches:
+                    await asyncio.wait(acks, return_when=asyncio.FIRST_COMPLETED)
+                    self._raise_if_fatal()
+        if acks:
+            await asyncio.gather(*acks)
+        self._raise_if_fatal()
+
+    def _raise_if_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _await_acks(self, batch: Batch, sent: list[asyncio.Future[Any]]) -> None:
+        assert self.publisher is not None
+        try:
+            await self.publisher.confirm(_flatten(batch.outputs), sent)
+        except DeliveryFailed as exc:
+            self._fail_delivery(exc)
+            return
+        self._finish(batch)
+
+    def _fail_delivery(self, exc: DeliveryFailed) -> None:
+        self._fatal = FatalError(
+            f"could not publish to {exc.topic} for {exc.waited_s:.0f}s ({exc.cause}); "
+            "stopped consuming without committing past the unpublished messages",
+            EXIT_DELIVERY,
+        )
+        self._stop.set()
+
+    def _finish(self, batch: Batch) -> None:
+        """All outputs of the batch are acknowledged: count them and release the offsets."""
+        for item, records in zip(batch.items, batch.outputs, strict=True):
+            self.tracker.done(item.tp, item.offset, item.epoch)
+            self._release(item)
+            for record in records:
+                if record.kind == "enriched":
+                    self.metrics.enriched.inc()
+                    if item.timestamp_ms:
+                        self.metrics.end_to_end_seconds.observe(
+                            max(0.0, time.time() - item.timestamp_ms / 1000)
+                        )
+                elif record.kind == "review":
+                    self.metrics.reviewed.inc()
+                else:
+                    self.metrics.dead_lettered.labels(kind=record.kind).inc()
+        if self.processor is not None:
+            self.metrics.review_rate.set(self.processor.policy.budget.routed_share)
+        self.metrics.in_flight.set(self.tracker.pending())
+
+    async def _publish_transaction(self, batch: Batch) -> None:
+        """Exactly-once: the batch's outputs and its offsets in one transaction."""
+        assert self.producer is not None and self.publisher is not None
+        keep = {id(i) for i in self._current(batch.items)}
+        if len(keep) != len(batch.items):  # partitions revoked: their items are re-consumed
+            pairs = [
+                (i, o) for i, o in zip(batch.items, batch.outputs, strict=True) if id(i) in keep
+            ]
+            batch.items, batch.outputs = [p[0] for p in pairs], [p[1] for p in pairs]
+        if not batch.items:
+            return
+        offsets: dict[TopicPartition, int] = {}
+        for item in batch.items:
+            offsets[item.tp] = max(offsets.get(item.tp, 0), item.offset + 1)
+        try:
+            async with self.producer.transaction():
+                sent = await self.publisher.send_all(_flatten(batch.outputs))
+                await self.publisher.confirm(_flatten(batch.outputs), sent, retry=False)
+                await self.producer.send_offsets_to_transaction(offsets, self.settings.group_id)
+        except (KafkaError, DeliveryFailed) as exc:
+            raise FatalError(
+                f"transaction of batch {batch.number} failed ({type(exc).__name__}: {exc}); "
+                "it was aborted and its messages will be processed again",
+                EXIT_DELIVERY,
+            ) from exc
+        self._finish(batch)
+        self.metrics.commits.inc()
+
+    # ── offsets ─────────────────────────────────────────────────────────────────────────────
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.commit_interval_ms / 1000)
+            await self._commit()
+
+    async def _commit(
+        self, final: bool = False, partitions: set[TopicPartition] | None = None
+    ) -> None:
+        if self.consumer is None or self.exactly_once:
+            return
+        offsets = self.tracker.committable(partitions if partitions is not None else self.assigned)
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except Exception as exc:  # retried at the next interval; a rebalance may have moved them
+            self.metrics.commit_failures.inc()
+            log.warning("offset commit failed", error=f"{type(exc).__name__}: {exc}", final=final)
+            return
+        self.tracker.mark_committed(offsets)
+        self.metrics.commits.inc()
+        if final:
+            log.info(
+                "offsets committed",
+                offsets={f"{tp.topic}:{tp.partition}": o for tp, o in sorted(offsets.items())},
+            )
+
+    # ── rebalancing ─────────────────────────────────────────────────────────────────────────
+
+    def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.assigned = set(assigned)
+        self.metrics.ready.set(1 if self.ready()[0] else 0)
+        log.info(
+            "partitions assigned", partitions=sorted(f"{t.topic}:{t.partition}" for t in assigned)
+        )
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Finish what is already in inference or publishing, commit it, forget the rest.
+
+        Items of revoked partitions still waiting in the batcher are dropped (the next owner
+        consumes them from the committed offset), so a rebalance waits for at most the batches
+        already past the batcher.
+        """
+        self.metrics.rebalances.inc()
+        self.assigned -= revoked
+        deadline = time.monotonic() + max(5.0, self.settings.shutdown_grace_s)
+        while time.monotonic() < deadline and self._fatal is None:
+            busy = sum(self._active.get(tp, 0) for tp in revoked)
+            if busy == 0:
+                break
+            await asyncio.sleep(0.05)
+        await self._commit(partitions=revoked)
+        self.tracker.forget(revoked)
+        for tp in revoked:
+            self._active.pop(tp, None)
+        self.metrics.ready.set(0)
+        log.info(
+            "partitions revoked", partitions=sorted(f"{t.topic}:{t.partition}" for t in revoked)
+        )
+
+    # ── lag ─────────────────────────────────────────────────────────────────────────────────
+
+    async def _lag_loop(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            consumer = self.consumer
+            if consumer is None:
+                continue
+            for tp in list(self.assigned):
+                with contextlib.suppress(Exception):
+                    end = consumer.highwater(tp)
+                    position = await consumer.position(tp)
+                    if end is not None:
+                        self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(
+                            max(0, end - position)
+                        )
+
+
+def _flatten(outputs: list[list[OutputRecord]]) -> list[OutputRecord]:
+    return [record for records in outputs for record in records]
+
+
+async def _stop_quietly(*clients: Any) -> None:
+    for client in clients:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.stop(), 10)

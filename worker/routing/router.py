@@ -1,0 +1,136 @@
+"""From MC statistics to output events: one enriched event per post, a review request for the
+posts the policy routes.
+
+Events are built as plain dicts in the shape of ``schemas.EnrichedPost`` / ``ReviewRequest`` and
+serialised with orjson: building pydantic objects for 28 labels per post would cost more than the
+transport itself at high rates. Tests validate the dicts against the pydantic models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import orjson
+
+from schemas import SCHEMA_VERSION, SocialPost
+from worker.inference.uncertainty import McSummary
+from worker.routing.policy import ReviewPolicy
+
+
+@dataclass
+class RoutedPost:
+    post_id: str
+    enriched: dict[str, Any]
+    review: dict[str, Any] | None
+
+    def enriched_bytes(self) -> bytes:
+        return orjson.dumps(self.enriched)
+
+    def review_bytes(self) -> bytes | None:
+        return None if self.review is None else orjson.dumps(self.review)
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def predicted_label_indices(mean: np.ndarray, thresholds: np.ndarray) -> list[int]:
+    """Labels at or above their threshold, most probable first; never empty."""
+    above = np.flatnonzero(mean >= thresholds)
+    if len(above) == 0:
+        return [int(np.argmax(mean))]
+    return [int(j) for j in above[np.argsort(-mean[above])]]
+
+
+def _r(x: float, digits: int = 6) -> float:
+    return round(float(x), digits)
+
+
+class Router:
+    def __init__(
+        self,
+        policy: ReviewPolicy,
+        label_names: list[str],
+        thresholds: np.ndarray,
+        model_info: dict[str, Any],
+        worker_id: str,
+    ) -> None:
+        self.policy = policy
+        self.label_names = label_names
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self.model_info = model_info
+        self.worker_id = worker_id
+
+    def route(
+        self,
+        posts: list[SocialPost],
+        sources: list[dict[str, Any] | None],
+        summary: McSummary,
+    ) -> list[RoutedPost]:
+        scores = self.policy.scores(summary)
+        processed_at = now_rfc3339()
+        out: list[RoutedPost] = []
+        for i, post in enumerate(posts):
+            mean, std, flips = summary.mean[i], summary.std[i], summary.flip_rate[i]
+            sampled = bool(summary.n_samples[i] > 1)
+            predicted = predicted_label_indices(mean, self.thresholds)
+            emotions = [
+                {
+                    "label": name,
+                    "probability": _r(mean[j]),
+                    "uncertainty": _r(std[j]) if sampled else None,
+                    "threshold": _r(self.thresholds[j], 4),
+                    "predicted": j in predicted,
+                    "flip_rate": _r(flips[j], 4) if sampled else None,
+                }
+                for j, name in enumerate(self.label_names)
+            ]
+            decision = self.policy.decide(summary, i, predicted, float(scores[i]))
+            uncertainty = {
+                "predictive_entropy": _r(summary.predictive_entropy[i]),
+                "expected_entropy": _r(summary.expected_entropy[i]) if sampled else None,
+                "mutual_information": _r(summary.mutual_information[i]) if sampled else None,
+                "review_score": _r(decision.score) if sampled else None,
+                "max_flip_rate": _r(flips.max(), 4) if sampled else None,
+                "n_samples": int(summary.n_samples[i]),
+            }
+            reasons = [r.model_dump(mode="json") for r in decision.reasons]
+            post_dict = post.model_dump(mode="json")
+            labels = [self.label_names[j] for j in predicted]
+            enriched = {
+                "schema_version": SCHEMA_VERSION,
+                "id": post.id,
+                "post": post_dict,
+                "emotions": emotions,
+                "predicted_labels": labels,
+                "top_label": self.label_names[int(np.argmax(mean))],
+                "uncertainty": uncertainty,
+                "needs_review": decision.routed,
+                "review_reasons": reasons,
+                "model": self.model_info,
+                "processed_at": processed_at,
+                "worker_id": self.worker_id,
+                "source": sources[i],
+            }
+            review = None
+            if decision.routed:
+                review = {
+                    "schema_version": SCHEMA_VERSION,
+                    "id": post.id,
+                    "priority": decision.priority,
+                    "review_score": _r(decision.score),
+                    "reasons": reasons,
+                    "post": post_dict,
+                    "predicted_labels": labels,
+                    "emotions": emotions,
+                    "uncertainty": uncertainty,
+                    "model": self.model_info,
+                    "requested_at": processed_at,
+                    "worker_id": self.worker_id,
+                    "source": sources[i],
+                }
+            out.append(RoutedPost(post_id=post.id, enriched=enriched, review=review))
+        return out

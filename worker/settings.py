@@ -1,0 +1,239 @@
+"""All configuration in one place: environment variables prefixed ``EMOWORKER_``, and ``.env``.
+
+Nested groups use a double underscore, e.g. ``EMOWORKER_REVIEW__TARGET_RATE=0.05``.
+The README's configuration reference is generated from this class (``emoworker config-docs``).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+
+
+class KafkaSettings(BaseModel):
+    """Connection, security and client tuning."""
+
+    bootstrap_servers: str = Field(
+        "localhost:9092", description="Comma-separated host:port list of the Kafka cluster."
+    )
+    client_id: str = Field("emotion-stream", description="Client id reported to the brokers.")
+    security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT", description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL."
+    )
+    sasl_mechanism: SaslMechanism | None = Field(
+        None, description="PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (with a SASL protocol)."
+    )
+    sasl_username: str | None = Field(None, description="SASL user name.")
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password (never logged; shown as '**********')."
+    )
+    ssl_cafile: Path | None = Field(None, description="CA bundle that signs the brokers' certs.")
+    ssl_certfile: Path | None = Field(None, description="Client certificate (mutual TLS).")
+    ssl_keyfile: Path | None = Field(None, description="Client private key (mutual TLS).")
+    ssl_key_password: SecretStr | None = Field(None, description="Password of the client key.")
+    ssl_check_hostname: bool = Field(True, description="Verify the broker's host name (TLS).")
+    session_timeout_ms: int = Field(
+        45_000, description="Consumer group session timeout; heartbeats run in the background."
+    )
+    heartbeat_interval_ms: int = Field(3_000, description="Consumer heartbeat interval.")
+    max_poll_interval_ms: int = Field(
+        300_000,
+        description="Longest gap between polls before the group evicts this worker. The worker "
+        "keeps polling while inference runs, so only a stuck process reaches it.",
+    )
+    fetch_max_bytes: int = Field(16 * 1024 * 1024, description="Largest fetch response.")
+    max_partition_fetch_bytes: int = Field(
+        2 * 1024 * 1024, description="Largest fetch per partition (must exceed the message limit)."
+    )
+    request_timeout_ms: int = Field(30_000, description="Broker request timeout.")
+    retry_backoff_ms: int = Field(200, description="Backoff between client retries.")
+    producer_linger_ms: int = Field(5, description="Producer batching delay.")
+    producer_compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="Compression of the output topics."
+    )
+    producer_max_request_bytes: int = Field(
+        4 * 1024 * 1024, description="Largest produce request (an enriched event is ~4 KB)."
+    )
+    delivery_timeout_s: float = Field(
+        120.0,
+        description="How long one output may keep retrying before the worker gives up, stops "
+        "consuming and exits non-zero without committing past it.",
+    )
+    startup_timeout_s: float = Field(
+        0.0,
+        description="How long to keep retrying an unreachable cluster at start-up, with "
+        "exponential backoff; 0 retries forever (the worker reports not-ready meanwhile).",
+    )
+
+
+class TopicSettings(BaseModel):
+    input: str = Field("posts", description="Topic the social posts are read from.")
+    enriched: str = Field("posts.enriched", description="Every valid post, classified.")
+    review: str = Field("posts.review", description="Posts routed to human review.")
+    dead_letter: str = Field("posts.dead-letter", description="Messages that could not be read.")
+
+
+class ReviewSettings(BaseModel):
+    """When a post goes to human review. See the README's review section."""
+
+    policy_file: Path | None = Field(
+        None, description="TOML or YAML review policy; overrides the fields below when set."
+    )
+    score: Literal["threshold_distance", "mutual_information", "predictive_entropy"] = Field(
+        "threshold_distance",
+        description="What ranks posts for review (published as uncertainty.review_score).",
+    )
+    target_rate: float | None = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Share of posts to route to review (review budget); empty disables the "
+        "budget so that every post a rule flags is routed.",
+    )
+    max_per_minute: float | None = Field(
+        None, gt=0, description="Hard cap on review requests per minute per worker."
+    )
+    epistemic_cut: float | None = Field(
+        None, ge=0, description="Route when mutual information exceeds this (nats)."
+    )
+    band_sigmas: float = Field(
+        1.0,
+        ge=0,
+        description="A label is ambiguous when |mean - threshold| < band_sigmas x its MC std.",
+    )
+    watch_labels: list[str] = Field(
+        default_factory=list,
+        description="Labels with a stricter rule, e.g. grief,remorse,nervousness,fear.",
+    )
+    watch_min_probability: float = Field(
+        0.2, description="A watch-listed label at or above this mean probability is routed."
+    )
+    neutral_label: str = Field("neutral", description="The label that means 'no emotion'.")
+    low_confidence_neutral: float | None = Field(
+        None,
+        description="Route when neutral is the only prediction and its probability is below this.",
+    )
+    warmup_posts: int = Field(
+        200, description="Posts scored before the budget's quantile estimate is trusted."
+    )
+
+
+class ModelSettings(BaseModel):
+    path: str = Field(
+        "default",
+        description="'default' (the bundled model), a model bundle folder, a Hugging Face "
+        "checkpoint folder, or a hub id.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where inference runs.")
+    n_samples: int = Field(30, ge=1, le=1000, description="MC Dropout samples per post.")
+    mc_mode: Literal["full", "fast", "off"] = Field(
+        "full",
+        description="full: every dropout layer stochastic for all N samples; fast: adaptive "
+        "sampling (see the README); off: one deterministic pass.",
+    )
+    seed: int | None = Field(None, description="Seed for reproducible MC samples (tests).")
+    max_length: int = Field(
+        128, ge=8, description="Token window; longer texts are truncated for inference."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow a checkpoint's own Python code to run (off: safer)."
+    )
+    threads: int = Field(0, ge=0, description="Torch CPU threads; 0: one per core.")
+    thresholds_file: Path | None = Field(
+        None, description="Per-label thresholds JSON; default: the bundle's thresholds.json."
+    )
+    adapter: str | None = Field(
+        None,
+        description="Output adapter for non-standard models, e.g. 'tuple:1' (logits are "
+        "output[1]) or 'encoder_onnx_head:<head.onnx>'.",
+    )
+
+
+class WorkerSettings(BaseSettings):
+    """Everything the worker reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMOWORKER_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
+
+    group_id: str = Field("emotion-stream", description="Consumer group of the workers.")
+    batch_size: int = Field(64, ge=1, description="Most posts in one inference batch.")
+    batch_max_wait_ms: int = Field(
+        100, ge=0, description="Longest a post waits for its batch to fill."
+    )
+    max_in_flight_batches: int = Field(
+        4,
+        ge=1,
+        description="Batches waiting for or in inference; fetching pauses when full "
+        "(bounds memory under load).",
+    )
+    max_text_chars: int = Field(
+        40_000,
+        ge=1,
+        description="Longest accepted text (Reddit allows 10,000 characters, X long posts "
+        "25,000); longer posts are dead-lettered as abuse.",
+    )
+    max_message_bytes: int = Field(
+        1_048_576, ge=1, description="Largest accepted input message; larger is dead-lettered."
+    )
+    dead_letter_payload_bytes: int = Field(
+        65_536, ge=0, description="How much of a bad message is copied into its dead letter."
+    )
+    exactly_once: bool = Field(
+        False,
+        description="Transactional read-process-write: outputs and offsets commit atomically "
+        "(readers must use isolation_level=read_committed).",
+    )
+    transactional_id: str | None = Field(
+        None,
+        description="Stable transactional id for exactly-once mode (e.g. the pod name of a "
+        "StatefulSet); default: group-host-pid.",
+    )
+    transaction_timeout_ms: int = Field(
+        15_000, description="Open transactions of a dead worker are aborted after this."
+    )
+    commit_interval_ms: int = Field(1_000, ge=10, description="How often offsets are committed.")
+    shutdown_grace_s: float = Field(
+        30.0, description="On SIGTERM: time to drain in-flight batches and commit."
+    )
+    http_host: str = Field("0.0.0.0", description="Bind address of /metrics, /healthz, /readyz.")
+    http_port: int = Field(8080, ge=0, description="Port of the HTTP endpoints; 0 disables them.")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: pretty on a terminal, JSON otherwise."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+    worker_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
+        description="Name of this worker in logs, metrics and events.",
+    )
+
+    @model_validator(mode="after")
+    def _check_security(self) -> WorkerSettings:
+        k = self.kafka
+        sasl_complete = k.sasl_mechanism and k.sasl_username and k.sasl_password
+        if k.security_protocol.startswith("SASL") and not sasl_complete:
+            raise ValueError(
+                "a SASL security protocol needs EMOWORKER_KAFKA__SASL_MECHANISM, "
+                "EMOWORKER_KAFKA__SASL_USERNAME and EMOWORKER_KAFKA__SASL_PASSWORD"
+            )
+        return self
+
+    def effective_transactional_id(self) -> str:
+        return self.transactional_id or f"{self.group_id}-{self.worker_id}"

@@ -1,0 +1,1 @@
+"""Fine-tuning, threshold calibration, evaluation and model bundles."""
