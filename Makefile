@@ -5,7 +5,7 @@ UV ?= python3 -m uv
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test chaos bench lint format schemas config-docs clean
+.PHONY: help setup demo test chaos bench lint format schemas docs clean
 
 help:
 	@echo "make demo    - start a local Kafka, stream sample posts through the worker, show a summary"
@@ -44,6 +44,9 @@ format: setup
 
 schemas: setup
 	$(PY) -m worker.cli schema --write
+
+docs: setup
+	$(PY) -m worker.docs
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

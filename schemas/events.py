@@ -8,6 +8,7 @@ The JSON Schema files beside this module are generated from these models (``emow
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -23,6 +24,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = "1.0"
+RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+)
 SUPPORTED_INPUT_MAJOR = "1"
 MAX_ID_CHARS = 512
 
@@ -68,6 +72,17 @@ class SocialPost(BaseModel):
     metadata: dict[str, Any] | None = Field(None, description="Free-form object, passed through.")
 
     _check_version = field_validator("schema_version")(check_schema_version)
+
+    @field_validator("created_at", mode="before")
+    @classmethod
+    def _rfc3339(cls, value: object) -> object:
+        if value is None:
+            return value
+        if not isinstance(value, str) or not RFC3339.match(value):
+            raise PydanticCustomError(
+                "rfc3339", "created_at must be an RFC 3339 date-time with a time zone"
+            )
+        return value
 
     @field_validator("id")
     @classmethod

@@ -32,6 +32,18 @@ def kafka() -> Iterator[KafkaCluster]:
         yield cluster
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """The test machine's cores are shared: one torch thread avoids OpenMP spinning on the
+    small ops of these tests (measured 20x faster than two threads under load)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def test_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_test_model(tmp_path_factory.mktemp("test-model"))
@@ -101,12 +113,7 @@ def make_settings(
             "commit_interval_ms": 200,
             "log_format": "console",
         }
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(base.get(key), dict):
-                base[key] = base[key] | value
-            else:
-                base[key] = value
-        return WorkerSettings.model_validate(base)
+        return WorkerSettings.from_layers(base, overrides)
 
     return factory
 

@@ -34,9 +34,9 @@ class MicroBatcher(Generic[T]):
         self.max_wait_s = max_wait_s
         self._weight = weight
         self._clock = clock
-        self._items: deque[T] = deque()
+        self._items: deque[tuple[T, float]] = deque()  # (item, arrival time)
         self._size = 0
-        self._first_at: float | None = None
+        self._flush = False
         self._closed = False
         self._changed = asyncio.Event()
 
@@ -50,9 +50,7 @@ class MicroBatcher(Generic[T]):
     def add(self, item: T) -> None:
         if self._closed:
             raise RuntimeError("batcher is closed")
-        if not self._items:
-            self._first_at = self._clock()
-        self._items.append(item)
+        self._items.append((item, self._clock()))
         self._size += self._weight(item)
         self._changed.set()
 
@@ -63,27 +61,28 @@ class MicroBatcher(Generic[T]):
 
     def flush_now(self) -> None:
         """Release the current batch at once (e.g. before a rebalance or shutdown)."""
-        if self._items:
-            self._first_at = float("-inf")
+        self._flush = bool(self._items)
         self._changed.set()
+
+    def _oldest_wait(self) -> float:
+        return self._clock() - self._items[0][1]
 
     def _ready(self) -> bool:
         if not self._items:
             return False
-        if self._closed or self._size >= self.max_size:
+        if self._closed or self._flush or self._size >= self.max_size:
             return True
-        assert self._first_at is not None
-        return self._clock() - self._first_at >= self.max_wait_s
+        return self._oldest_wait() >= self.max_wait_s
 
     def _take(self) -> list[T]:
         batch: list[T] = []
         size = 0
-        while self._items and (size < self.max_size or self._weight(self._items[0]) == 0):
-            item = self._items.popleft()
+        while self._items and (size < self.max_size or self._weight(self._items[0][0]) == 0):
+            item, _ = self._items.popleft()
             size += self._weight(item)
             batch.append(item)
         self._size -= size
-        self._first_at = self._clock() if self._items else None
+        self._flush = False
         return batch
 
     async def next_batch(self) -> list[T] | None:
@@ -95,7 +94,7 @@ class MicroBatcher(Generic[T]):
                 return None
             self._changed.clear()
             timeout = None
-            if self._first_at is not None:
-                timeout = max(0.0, self.max_wait_s - (self._clock() - self._first_at))
+            if self._items:
+                timeout = max(0.0, self.max_wait_s - self._oldest_wait())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)

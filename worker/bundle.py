@@ -7,6 +7,8 @@ per-label thresholds and a short card::
     config.json             Hugging Face config (architecture, id2label, dropout rates)
     adapter_config.json     } weights == "lora": a peft LoRA adapter plus the trained head,
     adapter_model.safetensors } merged into the base at load time
+    delta.safetensors       weights == "delta": per-matrix int8 deltas from the base (one scale
+                            per output row) and the small tensors whole, added at load time
     model.safetensors       weights == "full": a complete checkpoint (no base needed)
     thresholds.json         {"label": threshold, ...}
     CARD.md                 base model, data, metrics, recommended n_samples
@@ -35,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @dataclass
 class BundleManifest:
     base: dict[str, str]
-    weights: Literal["lora", "full"]
+    weights: Literal["lora", "delta", "full"]
     labels: list[str]
     recommended_n_samples: int = 30
     recommended_mc_mode: str = "full"
@@ -122,3 +124,66 @@ def read_thresholds(path: Path, label_names: list[str]) -> np.ndarray:
 def write_thresholds(path: Path, label_names: list[str], thresholds: np.ndarray) -> None:
     payload = {name: round(float(t), 4) for name, t in zip(label_names, thresholds, strict=True)}
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+# ── writing ───────────────────────────────────────────────────────────────────────────────────
+
+DELTA_FILE = "delta.safetensors"
+SMALL_TENSOR = 4096  # tensors up to this many elements are stored whole (fp32), not quantised
+
+
+def quantise_delta(delta: Any) -> tuple[Any, Any]:
+    """Symmetric int8 per output row: delta ≈ q * scale[:, None]."""
+    import torch
+
+    flat = delta.reshape(delta.shape[0], -1).to(torch.float32)
+    scale = flat.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(flat / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(delta.shape), scale.to(torch.float32)
+
+
+def write_delta(model: Any, base_state: dict[str, Any], folder: Path) -> dict[str, int]:
+    """Store what differs from the base: int8 deltas for matrices, whole small tensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    counts = {"quantised": 0, "whole": 0, "unchanged": 0}
+    for name, value in model.state_dict().items():
+        value = value.detach().cpu().to(torch.float32)
+        base = base_state.get(name)
+        if base is not None and base.shape == value.shape and torch.equal(base.float(), value):
+            counts["unchanged"] += 1
+            continue
+        if base is None or base.shape != value.shape or value.numel() <= SMALL_TENSOR:
+            tensors[f"{name}"] = value.contiguous()
+            counts["whole"] += 1
+        else:
+            q, scale = quantise_delta(value - base.float())
+            tensors[f"{name}.delta_q"] = q.contiguous()
+            tensors[f"{name}.delta_scale"] = scale.contiguous()
+            counts["quantised"] += 1
+    save_file(tensors, str(folder / DELTA_FILE), metadata={"format": "emoworker-delta-int8"})
+    return counts
+
+
+def apply_delta(model: Any, folder: Path) -> None:
+    """Materialise a delta bundle on top of the base weights already in ``model``."""
+    import torch
+    from safetensors.torch import load_file
+
+    stored = load_file(str(folder / DELTA_FILE))
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, value in stored.items():
+            if key.endswith(".delta_scale"):
+                continue
+            if key.endswith(".delta_q"):
+                name = key[: -len(".delta_q")]
+                scale = stored[f"{name}.delta_scale"]
+                delta = value.to(torch.float32) * scale.reshape(-1, *([1] * (value.ndim - 1)))
+                state[name].add_(delta.to(state[name].dtype))
+            elif key in state:
+                state[key].copy_(value.to(state[key].dtype))
+            else:
+                raise ValueError(f"{folder / DELTA_FILE}: tensor {key} does not fit the model")

@@ -7,7 +7,7 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 from pydantic import ValidationError
@@ -22,7 +22,7 @@ app = typer.Typer(
 )
 topics_app = typer.Typer(help="Create or describe the worker's topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -282,6 +282,202 @@ def produce(
         f"sent {sent.count} messages to {topic or settings.topics.input} "
         f"in {sent.seconds:.1f}s ({sent.count / max(sent.seconds, 1e-9):.0f}/s)"
     )
+
+
+@app.command()
+@one_line_errors
+def train(
+    data: Annotated[
+        Path, typer.Option(help="Folder with train.tsv, dev.tsv (GoEmotions format), labels.txt.")
+    ] = Path("../shared/data/goemotions"),
+    output: Annotated[Path, typer.Option(help="Bundle folder to write.")] = Path("runs/bundle"),
+    base: Annotated[
+        str | None, typer.Option(help="Base encoder: folder or hub id (default: MiniLM-L6).")
+    ] = None,
+    epochs: Annotated[
+        float, typer.Option(help="Training epochs (early stopping may end sooner).")
+    ] = 5.0,
+    learning_rate: Annotated[float, typer.Option(help="Encoder learning rate.")] = 8e-5,
+    head_learning_rate: Annotated[
+        float, typer.Option(help="Classifier head learning rate.")
+    ] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Posts per optimiser step.")] = 32,
+    pos_weight: Annotated[str, typer.Option(help="Class balance: log, sqrt or none.")] = "log",
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank; 0 fine-tunes every weight.")] = 0,
+    weights: Annotated[str, typer.Option(help="Bundle weights: delta, lora or full.")] = "delta",
+    freeze_embeddings: Annotated[bool, typer.Option(help="Keep word embeddings fixed.")] = True,
+    ema_decay: Annotated[float, typer.Option(help="Weight averaging; 0 disables.")] = 0.0,
+    eval_every: Annotated[
+        int, typer.Option(help="Steps between dev evaluations; 0: per epoch.")
+    ] = 0,
+    patience: Annotated[int, typer.Option(help="Evaluations without gain before stopping.")] = 4,
+    n_samples: Annotated[int, typer.Option(help="MC samples for threshold calibration.")] = 30,
+    max_train_posts: Annotated[
+        int, typer.Option(help="Use only this many posts (smoke runs).")
+    ] = 0,
+    max_steps: Annotated[int, typer.Option(help="Stop after this many steps (smoke runs).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for reproducible training.")] = 13,
+    threads: Annotated[int, typer.Option(help="CPU threads; 0: torch's default.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Fine-tune an encoder on GoEmotions-format data and write a model bundle."""
+    from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    from worker.training.export import WeightsKind
+    from worker.training.run import run_training
+    from worker.training.train import TrainConfig, default_base_model
+
+    if weights not in ("delta", "lora", "full"):
+        raise CliError("--weights must be delta, lora or full")
+    if not (data / "train.tsv").is_file() or not (data / "dev.tsv").is_file():
+        raise CliError(f"{data} must hold train.tsv and dev.tsv (GoEmotions TSV format)")
+    config = TrainConfig(
+        base_model=base or default_base_model(),
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        head_learning_rate=head_learning_rate,
+        pos_weight=pos_weight,
+        lora_rank=lora_rank,
+        freeze_embeddings=freeze_embeddings,
+        ema_decay=ema_decay,
+        eval_every=eval_every,
+        patience=patience,
+        max_train_posts=max_train_posts,
+        max_steps=max_steps,
+        seed=seed,
+        threads=threads,
+        device=device,
+    )
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        "{task.completed}/{task.total} steps",
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    ) as bar:
+        task = bar.add_task("training", total=None)
+
+        def progress(step: int, total: int) -> None:
+            bar.update(task, completed=step, total=total)
+
+        kind = cast(WeightsKind, weights)  # checked above
+        metrics = run_training(
+            data, output, config, kind, n_samples, log=bar.console.print, progress=progress
+        )
+    err.print(
+        f"bundle written to {output} ({metrics['bundle_bytes'] / 1e6:.1f} MB): dev macro-F1 "
+        f"{metrics['mc_macro_f1_at_0.5']:.4f} at 0.5, {metrics['mc_macro_f1_split_half']:.4f} "
+        "with thresholds tuned on the other half of dev"
+    )
+
+
+@app.command()
+@one_line_errors
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Labelled posts: a GoEmotions-format .tsv file.")],
+    model: ModelOpt = None,
+    n_samples: SamplesOpt = None,
+    mc_mode: ModeOpt = None,
+    seed: Annotated[int, typer.Option(help="Seed of the MC samples.")] = 0,
+    labels: Annotated[
+        Path | None, typer.Option(help="labels.txt (id to name); default: the model's labels.")
+    ] = None,
+    output_dir: Annotated[Path, typer.Option(help="Where reports and plots go.")] = Path(
+        "runs/evaluation"
+    ),
+    limit: Annotated[int, typer.Option(help="Evaluate only the first N posts; 0: all.")] = 0,
+) -> None:
+    """Score a model on labelled data with MC Dropout: metrics, routing curves, plots."""
+    import json
+
+    from rich.progress import Progress
+
+    from worker.inference.loading import load_classifier
+    from worker.training.evaluation import predict_texts
+    from worker.training.goemotions import read_label_names, read_tsv
+    from worker.training.plots import (
+        probability_uncertainty_scatter,
+        rejection_curves,
+        reliability_diagram,
+    )
+    from worker.training.report import evaluate_predictions, markdown_report
+
+    settings = load_settings(
+        **{"model.path": model, "model.n_samples": n_samples, "model.mc_mode": mc_mode}
+    )
+    classifier = load_classifier(settings.model)
+    names = classifier.label_names
+    if labels is not None and read_label_names(labels) != names:
+        raise CliError(f"{labels} does not match the model's labels")
+    if not data.is_file():
+        raise CliError(f"data file {data} does not exist")
+    split = read_tsv(data, len(names))
+    if limit:
+        split = split.subset(list(range(min(limit, len(split)))))
+    n = settings.model.n_samples
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task(f"MC Dropout, N = {n}", total=len(split) * 2)
+        mc = predict_texts(
+            classifier,
+            split.texts,
+            n_samples=n,
+            mode=settings.model.mc_mode,
+            seed=seed,
+            progress=lambda k: bar.advance(task, k),
+        )
+        det = predict_texts(
+            classifier, split.texts, mode="off", progress=lambda k: bar.advance(task, k)
+        )
+    report = evaluate_predictions(split.targets, mc, classifier.thresholds, names, det.mean)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    curves = report.pop("_curves")
+    report["ece"] = reliability_diagram(split.targets, mc.mean, output_dir / "reliability.png")
+    rejection_curves(curves, output_dir / "f1_rejection.png")
+    probability_uncertainty_scatter(mc.mean, mc.std, output_dir / "probability_vs_uncertainty.png")
+    report["model"] = {
+        "name": classifier.name,
+        "revision": classifier.revision,
+        "n_samples": n,
+        "mc_mode": settings.model.mc_mode,
+    }
+    report["data"] = str(data)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = markdown_report(report, f"{classifier.name} on {data.name}")
+    (output_dir / "report.md").write_text(markdown)
+    sys.stdout.write(markdown)
+    err.print(f"reports and plots in {output_dir}")
+
+
+@app.command()
+@one_line_errors
+def bench(
+    model: Annotated[str, typer.Option(help="Model to benchmark.")] = "default",
+    data: Annotated[Path | None, typer.Option(help="GoEmotions-format .tsv posts.")] = None,
+    n_samples: Annotated[int, typer.Option(help="MC samples.")] = 30,
+    fidelity_posts: Annotated[int, typer.Option(help="Posts for agreement and quality.")] = 800,
+    speed_posts: Annotated[int, typer.Option(help="Posts timed for every method.")] = 256,
+    streaming: Annotated[bool, typer.Option(help="Also the Kafka benchmarks.")] = True,
+    quick: Annotated[bool, typer.Option(help="A few posts of everything (a check).")] = False,
+    output: Annotated[Path | None, typer.Option(help="Results folder.")] = None,
+) -> None:
+    """Benchmark MC Dropout arrangements, the pipeline, latency and memory; write JSON."""
+    from worker.bench.run import DEFAULT_DEV, RESULTS, BenchOptions, run_bench
+
+    options = BenchOptions(
+        model=model,
+        data=data or DEFAULT_DEV,
+        n_samples=n_samples,
+        fidelity_posts=fidelity_posts,
+        speed_posts=speed_posts,
+        streaming=streaming,
+        quick=quick,
+        output=output or RESULTS,
+    )
+    if not options.data.is_file():
+        raise CliError(f"benchmark posts {options.data} not found: pass --data FILE.tsv")
+    run_bench(options, log=err.print)
 
 
 def main() -> None:

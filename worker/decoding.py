@@ -104,7 +104,8 @@ def decode_post(value: bytes | None, limits: DecodeLimits) -> SocialPost | Decod
     try:
         document = orjson.loads(text.removeprefix("\ufeff"))
     except orjson.JSONDecodeError as exc:
-        if "recursion" in str(exc).lower():
+        message = str(exc).lower()
+        if "recursion" in message or "depth limit" in message:
             return DecodeFailure(
                 "nesting_too_deep", f"JSON nests deeper than {limits.max_nesting_depth} levels"
             )

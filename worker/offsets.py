@@ -24,6 +24,7 @@ class _PartitionState:
     in_flight: deque[int] = field(default_factory=deque)
     done: set[int] = field(default_factory=set)
     next_to_commit: int | None = None
+    last_tracked: int | None = None
     committed: int | None = None
 
 
@@ -36,8 +37,9 @@ class OffsetTracker(Generic[P]):
     def track(self, partition: P, offset: int) -> int:
         """A message was consumed (call in consumption order); returns the partition's epoch."""
         state = self._partitions.setdefault(partition, _PartitionState())
-        if state.in_flight and offset <= state.in_flight[-1]:
+        if state.last_tracked is not None and offset <= state.last_tracked:
             raise ValueError(f"{partition}: offset {offset} tracked out of order")
+        state.last_tracked = offset
         state.in_flight.append(offset)
         return state.epoch
 

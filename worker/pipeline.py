@@ -339,9 +339,15 @@ class Pipeline:
                     post = decoded if isinstance(decoded, SocialPost) else None
                     failure = decoded if isinstance(decoded, DecodeFailure) else None
                     item = Inbound(
-                        tp, record.offset, epoch, record.timestamp, record.key, record.value,
-                        post, failure,
-                    )  # fmt: skip
+                        tp,
+                        record.offset,
+                        epoch,
+                        record.timestamp,
+                        record.key,
+                        record.value,
+                        post,
+                        failure,
+                    )
                     self.batcher.add(item)
             self.metrics.in_flight.set(self.tracker.pending())
         self.batcher.close()

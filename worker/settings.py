@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -218,7 +218,9 @@ class WorkerSettings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field(
         "auto", description="auto: pretty on a terminal, JSON otherwise."
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Least severe log level written."
+    )
     worker_id: str = Field(
         default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}",
         description="Name of this worker in logs, metrics and events.",
@@ -234,6 +236,17 @@ class WorkerSettings(BaseSettings):
                 "EMOWORKER_KAFKA__SASL_USERNAME and EMOWORKER_KAFKA__SASL_PASSWORD"
             )
         return self
+
+    @classmethod
+    def from_layers(cls, base: dict[str, Any], overrides: dict[str, Any]) -> WorkerSettings:
+        """Validate ``base`` updated by ``overrides``; nested dicts are merged one level deep."""
+        merged = dict(base)
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = merged[key] | value
+            else:
+                merged[key] = value
+        return cls.model_validate(merged)
 
     def effective_transactional_id(self) -> str:
         return self.transactional_id or f"{self.group_id}-{self.worker_id}"

@@ -19,6 +19,7 @@ from torch import nn
 from worker.bundle import (
     THRESHOLDS_FILE,
     BundleManifest,
+    apply_delta,
     default_bundle_path,
     is_bundle,
     read_thresholds,
@@ -202,6 +203,9 @@ def _load_bundle(
     base = resolve_base(manifest.base)
     config = AutoConfig.from_pretrained(str(folder))
     model, tokenizer = _load_hf(base, settings, adapter, config=config)
+    if manifest.weights == "delta":
+        apply_delta(model, folder)
+        return model, tokenizer
     from peft import PeftModel
 
     merged = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()

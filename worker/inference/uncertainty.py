@@ -38,6 +38,9 @@ class McAccumulator:
     def __init__(self, n_posts: int, n_labels: int, thresholds: torch.Tensor) -> None:
         self.thresholds = thresholds.to(torch.float64)
         self.count = torch.zeros(n_posts, dtype=torch.float64)
+        # sums are kept around a per-post shift (its first sample), so that the variance does
+        # not lose precision to cancellation: identical samples give exactly zero
+        self.shift = torch.zeros(n_posts, n_labels, dtype=torch.float64)
         self.sum = torch.zeros(n_posts, n_labels, dtype=torch.float64)
         self.sum_sq = torch.zeros(n_posts, n_labels, dtype=torch.float64)
         self.sum_entropy = torch.zeros(n_posts, dtype=torch.float64)
@@ -50,19 +53,23 @@ class McAccumulator:
         """
         p = probs.detach().to(torch.float64).cpu()
         rows = rows.cpu()
+        first = self.count[rows] == 0
+        if bool(first.any()):
+            self.shift[rows[first]] = p[first]
+        centred = p - self.shift[rows]
         self.count.index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64))
-        self.sum.index_add_(0, rows, p)
-        self.sum_sq.index_add_(0, rows, p * p)
+        self.sum.index_add_(0, rows, centred)
+        self.sum_sq.index_add_(0, rows, centred * centred)
         self.sum_entropy.index_add_(0, rows, binary_entropy(p).sum(dim=1))
         self.above.index_add_(0, rows, (p >= self.thresholds).to(torch.float64))
 
     def mean(self) -> torch.Tensor:
-        return self.sum / self.count.clamp(min=1).unsqueeze(1)
+        return self.shift + self.sum / self.count.clamp(min=1).unsqueeze(1)
 
     def std(self) -> torch.Tensor:
         n = self.count.unsqueeze(1)
-        mean = self.mean()
-        var = (self.sum_sq - n * mean * mean) / (n - 1).clamp(min=1)
+        centred_mean = self.sum / n.clamp(min=1)
+        var = (self.sum_sq - n * centred_mean * centred_mean) / (n - 1).clamp(min=1)
         return var.clamp(min=0).sqrt() * (n > 1)
 
     def standard_error(self) -> torch.Tensor:

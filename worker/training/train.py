@@ -44,6 +44,7 @@ class TrainConfig:
     lora_rank: int = 0  # 0: full fine-tune; >0: LoRA adapters of that rank on every linear layer
     lora_alpha: int = 0  # 0: same as the rank
     lora_dropout: float = 0.0
+    freeze_embeddings: bool = False  # keep the word embeddings fixed (smaller delta bundles)
     ema_decay: float = 0.0  # 0: off
     eval_every: int = 0  # optimiser steps between dev evaluations; 0: once per epoch
     patience: int = 4  # evaluations without improvement before stopping
@@ -220,6 +221,8 @@ def build_model(config: TrainConfig, label_names: list[str]) -> tuple[nn.Module,
             bias="none",
         )
         model = get_peft_model(model, lora)
+    elif config.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
     return model, tokenizer
 
 
@@ -346,9 +349,15 @@ def train(
                 if ema is not None:
                     ema.swap(model)
                 result = evaluate_dev(
-                    model, dev_tokens, dev_split, pad_id, device, step,
-                    step / steps_per_epoch, running,
-                )  # fmt: skip
+                    model,
+                    dev_tokens,
+                    dev_split,
+                    pad_id,
+                    device,
+                    step,
+                    step / steps_per_epoch,
+                    running,
+                )
                 history.append(result)
                 log(result.line() + f" ({time.perf_counter() - started:.0f}s)")
                 if best is None or result.macro_f1_split_half > best.macro_f1_split_half:

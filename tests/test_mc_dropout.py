@@ -1,0 +1,326 @@
+"""MC Dropout on the real test model: which modules sample, and what the engine returns."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from texts import EXAMPLE_TEXTS
+from torch import nn
+
+from worker.inference.dropout import (
+    has_dropout,
+    mc_dropout,
+    mc_dropout_modules,
+    set_mc_dropout,
+)
+from worker.inference.engine import EngineConfig, McDropoutEngine, length_chunks, pad
+from worker.inference.loading import Classifier
+
+TEXTS = EXAMPLE_TEXTS
+
+# Two MC means of the same posts from different seeds differ by sampling noise only. Measured on
+# this model with N = 8: per-sample std <= 0.05 for every label, so the standard error of a mean
+# is <= 0.05 / sqrt(8) = 0.018 and that of a difference of two independent means <= 0.025; the
+# largest observed difference was 0.036. 0.1 is four standard errors of the worst label.
+MEAN_TOLERANCE = 0.1
+# The deterministic pass of a post is the same whatever else is in its padded chunk, up to float
+# rounding (different matmul shapes): far below any meaningful probability difference.
+ORDER_TOLERANCE = 1e-5
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def classifier(test_classifier: Classifier) -> Iterator[Classifier]:
+    """The shared classifier, back in plain eval mode after each test."""
+    test_classifier.model.eval()
+    yield test_classifier
+    test_classifier.model.eval()
+
+
+@pytest.fixture(scope="module")
+def token_ids(test_classifier: Classifier) -> list[list[int]]:
+    ids = test_classifier.tokenize(TEXTS)
+    assert len({len(t) for t in ids}) > 4, "the posts should have different lengths"
+    return ids
+
+
+def engine(classifier: Classifier, **config: object) -> McDropoutEngine:
+    return McDropoutEngine(classifier, EngineConfig(**config))  # type: ignore[arg-type]
+
+
+def expected_mc_modules(model: nn.Module) -> list[nn.Module]:
+    """By hand: dropout layers with p > 0, plus the self-attention modules (they own the
+    attention-probability dropout), in model order."""
+    return [
+        m
+        for m in model.modules()
+        if (isinstance(m, nn.Dropout) and m.p > 0) or type(m).__name__ == "BertSelfAttention"
+    ]
+
+
+# -- which modules -------------------------------------------------------------------------------
+
+
+def test_mc_modules_are_the_dropouts_and_the_self_attentions(classifier: Classifier) -> None:
+    model = classifier.model
+    chosen = mc_dropout_modules(model)
+    expected = expected_mc_modules(model)
+    assert [id(m) for m in chosen] == [id(m) for m in expected], "same modules, model order"
+
+    names = {type(m).__name__ for m in chosen}
+    assert names == {"Dropout", "BertSelfAttention"}
+    n_layers = model.config.num_hidden_layers
+    assert sum(type(m).__name__ == "BertSelfAttention" for m in chosen) == n_layers
+    # embeddings + (attention probs, attention output, feed-forward output) per layer + head
+    assert sum(isinstance(m, nn.Dropout) for m in chosen) == 1 + 3 * n_layers + 1
+    for m in chosen:
+        assert not isinstance(m, nn.LayerNorm | nn.Linear | nn.Embedding)
+        assert type(m).__name__ not in {"BertAttention", "BertSelfOutput", "BertLayer"}
+    assert has_dropout(model)
+
+
+def test_set_mc_dropout_switches_exactly_those_modules(classifier: Classifier) -> None:
+    model = classifier.model
+    chosen = {id(m) for m in expected_mc_modules(model)}
+    returned = set_mc_dropout(model, True)
+    assert {id(m) for m in returned} == chosen
+    on = {id(m) for m in model.modules() if m.training}
+    assert on == chosen
+    # the attention projections stay in eval mode (no .train() recursion)
+    for m in model.modules():
+        if isinstance(m, nn.Linear | nn.LayerNorm | nn.Embedding):
+            assert not m.training
+
+    set_mc_dropout(model, False)
+    assert not any(m.training for m in model.modules())
+
+
+def test_mc_dropout_context_restores_eval_mode(classifier: Classifier) -> None:
+    model = classifier.model
+    with mc_dropout(model) as modules:
+        assert modules and all(m.training for m in modules)
+    assert not any(m.training for m in model.modules())
+
+
+def test_mc_modules_on_a_toy_model() -> None:
+    class MyAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+            self.dropout = nn.Dropout(0.1)
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = MyAttention()
+            self.norm = nn.LayerNorm(4)
+            self.drop = nn.Dropout(0.2)
+            self.off = nn.Dropout(0.0)
+            self.feature = nn.Dropout2d(0.3)
+
+    class NoAttentionWrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner_dropout = nn.Dropout(0.0)
+
+    toy = nn.Sequential(Block(), NoAttentionWrapper(), nn.Linear(4, 2))
+    block = toy[0]
+    chosen = mc_dropout_modules(toy)
+    assert [id(m) for m in chosen] == [
+        id(block.attn),  # parent of an attention dropout
+        id(block.attn.dropout),
+        id(block.drop),
+        id(block.feature),
+    ]
+    assert not has_dropout(NoAttentionWrapper())
+    set_mc_dropout(toy, True)
+    assert {id(m) for m in toy.modules() if m.training} == {id(m) for m in chosen}
+    assert not block.attn.proj.training
+
+
+# -- sampling --------------------------------------------------------------------------------------
+
+
+def forward(classifier: Classifier, token_ids: list[list[int]]) -> torch.Tensor:
+    ids, mask = pad(token_ids, classifier.pad_id, classifier.device)
+    with torch.inference_mode():
+        return classifier.probabilities(ids, mask)
+
+
+def test_two_mc_passes_differ(classifier: Classifier, token_ids: list[list[int]]) -> None:
+    set_mc_dropout(classifier.model, True)
+    a, b = forward(classifier, token_ids), forward(classifier, token_ids)
+    assert a.shape == (len(TEXTS), len(classifier.label_names))
+    assert not torch.equal(a, b)
+    assert (a - b).abs().max().item() > 1e-3
+
+
+def test_attention_dropout_samples_only_through_its_parent(
+    classifier: Classifier, token_ids: list[list[int]]
+) -> None:
+    """Why the parent attention module is switched: the child's flag alone changes nothing."""
+    model = classifier.model
+    attentions = [m for m in model.modules() if type(m).__name__ == "BertSelfAttention"]
+
+    model.eval()
+    for attention in attentions:
+        attention.dropout.training = True  # the child only
+    a, b = forward(classifier, token_ids), forward(classifier, token_ids)
+    assert torch.equal(a, b)
+
+    model.eval()
+    for attention in attentions:
+        attention.training = True  # the parent only
+    a, b = forward(classifier, token_ids), forward(classifier, token_ids)
+    assert not torch.equal(a, b)
+
+
+def test_eval_pass_is_deterministic(classifier: Classifier, token_ids: list[list[int]]) -> None:
+    first = engine(classifier, mode="off").predict(token_ids)
+    second = engine(classifier, mode="off").predict(token_ids)
+    np.testing.assert_array_equal(first.mean, second.mean)
+    np.testing.assert_array_equal(first.n_samples, [1] * len(TEXTS))
+    np.testing.assert_array_equal(first.std, np.zeros_like(first.std))
+    np.testing.assert_array_equal(first.mutual_information, np.zeros(len(TEXTS)))
+    assert not any(m.training for m in classifier.model.modules())
+
+
+def test_same_seed_same_result_different_seed_close(
+    classifier: Classifier, token_ids: list[list[int]]
+) -> None:
+    n = 8
+    a = engine(classifier, mode="full", n_samples=n, seed=1).predict(token_ids)
+    b = engine(classifier, mode="full", n_samples=n, seed=1).predict(token_ids)
+    c = engine(classifier, mode="full", n_samples=n, seed=2).predict(token_ids)
+    np.testing.assert_array_equal(a.mean, b.mean)
+    np.testing.assert_array_equal(a.std, b.std)
+    np.testing.assert_array_equal(a.mutual_information, b.mutual_information)
+
+    assert not np.array_equal(a.mean, c.mean)
+    assert np.abs(a.mean - c.mean).max() < MEAN_TOLERANCE
+    assert (a.std > 0).all() and (c.std > 0).all(), "dropout varies every label"
+    assert a.std.max() < 0.15, "MC spread on this model is small (measured max ~0.05)"
+    assert not any(m.training for m in classifier.model.modules()), "eval mode afterwards"
+
+
+def test_full_mode_gives_every_post_n_samples(
+    classifier: Classifier, token_ids: list[list[int]]
+) -> None:
+    n = 5
+    e = engine(classifier, mode="full", n_samples=n, seed=4, max_tokens_per_forward=64)
+    summary = e.predict(token_ids)
+    assert e.n_samples == n
+    np.testing.assert_array_equal(summary.n_samples, [n] * len(TEXTS))
+    assert summary.mean.shape == (len(TEXTS), len(classifier.label_names))
+    assert ((summary.mean > 0) & (summary.mean < 1)).all()
+
+
+@pytest.mark.parametrize("mode", ["off", "full"])
+def test_results_are_in_input_order(
+    classifier: Classifier, token_ids: list[list[int]], mode: str
+) -> None:
+    """The engine sorts by length internally; results come back in input order."""
+    budget = 48  # several chunks: the sort and the chunking both matter
+    assert len(list(length_chunks([len(t) for t in token_ids], budget))) > 2
+    permutation = list(range(len(token_ids)))
+    random.Random(5).shuffle(permutation)
+    shuffled = [token_ids[i] for i in permutation]
+
+    config = {"mode": mode, "n_samples": 3, "seed": 9, "max_tokens_per_forward": budget}
+    original = engine(classifier, **config).predict(token_ids)
+    reordered = engine(classifier, **config).predict(shuffled)
+    if mode == "off":
+        np.testing.assert_allclose(
+            reordered.mean, original.mean[permutation], rtol=0, atol=ORDER_TOLERANCE
+        )
+    else:  # random: each post's mean must still be its own (closer to it than to any other)
+        np.testing.assert_array_equal(reordered.n_samples, [3] * len(TEXTS))
+        for row, source in enumerate(permutation):
+            distances = np.abs(original.mean - reordered.mean[row]).max(axis=1)
+            assert distances[source] < MEAN_TOLERANCE
+
+
+def test_each_post_matches_its_single_post_result(
+    classifier: Classifier, token_ids: list[list[int]]
+) -> None:
+    batch = engine(classifier, mode="off", max_tokens_per_forward=48).predict(token_ids)
+    for i in (0, 2, 5):
+        alone = engine(classifier, mode="off").predict([token_ids[i]])
+        np.testing.assert_allclose(batch.mean[i], alone.mean[0], rtol=0, atol=ORDER_TOLERANCE)
+
+
+def test_samples_per_forward_does_not_change_the_statistics(
+    classifier: Classifier, token_ids: list[list[int]]
+) -> None:
+    n = 8
+    one = engine(classifier, mode="full", n_samples=n, seed=1, samples_per_forward=1)
+    four = engine(classifier, mode="full", n_samples=n, seed=1, samples_per_forward=4)
+    a, b = one.predict(token_ids), four.predict(token_ids)
+    np.testing.assert_array_equal(a.n_samples, [n] * len(TEXTS))
+    np.testing.assert_array_equal(b.n_samples, [n] * len(TEXTS))
+    assert np.abs(a.mean - b.mean).max() < MEAN_TOLERANCE
+    # the copies in one forward pass get independent masks: the spread is of the same size
+    assert (b.std > 0).all()
+    assert 0.5 < b.std.mean() / a.std.mean() < 2.0
+
+
+def test_fast_mode_stops_early_far_from_every_threshold(
+    classifier: Classifier, token_ids: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(classifier, "thresholds", np.full(len(classifier.label_names), 0.99))
+    e = engine(classifier, mode="fast", n_samples=16, first_samples=4, seed=1)
+    summary = e.predict(token_ids)
+    assert summary.mean.max() < 0.9, "every mean is far below the 0.99 thresholds"
+    np.testing.assert_array_equal(summary.n_samples, [4] * len(TEXTS))
+
+
+def test_fast_mode_samples_undecided_posts_up_to_n(
+    classifier: Classifier, token_ids: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n, first = 16, 4
+    reference = engine(classifier, mode="full", n_samples=n, seed=3).predict(token_ids)
+    # thresholds right at post 0's means: its decisions are as open as they can be
+    monkeypatch.setattr(classifier, "thresholds", reference.mean[0].copy())
+    e = engine(classifier, mode="fast", n_samples=n, first_samples=first, seed=1)
+    summary = e.predict(token_ids)
+    assert summary.n_samples[0] == n
+    # the undecided get their samples doubled each round: 4, 8, 16
+    assert set(summary.n_samples.tolist()) <= {4, 8, 16}
+    assert ((summary.n_samples >= first) & (summary.n_samples <= n)).all()
+
+
+def test_fast_mode_with_n_below_first_samples(
+    classifier: Classifier, token_ids: list[list[int]]
+) -> None:
+    summary = engine(classifier, mode="fast", n_samples=3, first_samples=8, seed=1).predict(
+        token_ids
+    )
+    np.testing.assert_array_equal(summary.n_samples, [3] * len(TEXTS))
+
+
+def test_empty_input_gives_an_empty_summary(classifier: Classifier) -> None:
+    summary = engine(classifier, mode="full", n_samples=4).predict([])
+    assert len(summary) == 0
+    assert summary.mean.shape == (0, len(classifier.label_names))
+
+
+def test_off_mode_reports_one_sample(classifier: Classifier) -> None:
+    e = engine(classifier, mode="off", n_samples=30)
+    assert e.n_samples == 1
+    assert e.mode == "off"
+
+
+def test_length_chunks_respect_the_token_budget() -> None:
+    lengths = [5, 30, 12, 12, 7, 100, 3, 64]
+    chunks = list(length_chunks(lengths, 64))
+    assert sorted(i for chunk in chunks for i in chunk) == list(range(len(lengths)))
+    for chunk in chunks:
+        longest = max(lengths[i] for i in chunk)
+        assert len(chunk) * longest <= 64 or len(chunk) == 1
+        assert [lengths[i] for i in chunk] == sorted(lengths[i] for i in chunk)

@@ -1,0 +1,315 @@
+"""From MC statistics to events: schema-valid enriched events and review requests, predicted
+labels, and routing exactly when a policy rule fires (no budget)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from texts import EXAMPLE_TEXTS
+
+from schemas import EnrichedPost, ReviewRequest, SocialPost
+from worker.inference.loading import Classifier
+from worker.inference.uncertainty import McSummary, summarise_samples
+from worker.processing import BatchProcessor
+from worker.routing.policy import ReviewPolicy
+from worker.routing.router import Router, predicted_label_indices
+from worker.settings import ReviewSettings, WorkerSettings
+
+TEXTS = [
+    *EXAMPLE_TEXTS,
+    "قلبي مكسور",
+    "c'est génial, merci beaucoup",
+]
+BAND_SIGMAS = 1.0
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def make_settings(model_dir: Path, **review: Any) -> WorkerSettings:
+    return WorkerSettings.model_validate(
+        {
+            "model": {"path": str(model_dir), "n_samples": 4, "seed": 3, "device": "cpu"},
+            "review": {"target_rate": None, "band_sigmas": BAND_SIGMAS, **review},
+            "worker_id": "test-worker",
+        }
+    )
+
+
+def make_posts() -> list[SocialPost]:
+    posts = []
+    for i, text in enumerate(TEXTS):
+        document: dict[str, Any] = {"id": f"post-{i}", "text": text}
+        if i % 3 == 0:
+            document |= {"created_at": "2024-01-02T03:04:05Z", "metadata": {"n": i}}
+        if i % 4 == 1:
+            document |= {"subreddit": "r/test", "score": i}  # unknown fields pass through
+        posts.append(SocialPost.model_validate(document))
+    return posts
+
+
+def make_sources(n: int) -> list[dict[str, Any] | None]:
+    sources: list[dict[str, Any] | None] = []
+    for i in range(n):
+        if i % 3 == 0:
+            sources.append({"path": "posts.jsonl", "line": i + 1})
+        elif i % 3 == 1:
+            sources.append({"topic": "posts", "partition": 1, "offset": 100 + i})
+        else:
+            sources.append(None)
+    return sources
+
+
+def expected_ambiguous(summary: McSummary, i: int, thresholds: np.ndarray) -> bool:
+    """The ambiguous_label rule, by hand: some label within band_sigmas std of its threshold."""
+    if summary.n_samples[i] <= 1:
+        return False
+    distance = np.abs(summary.mean[i] - thresholds)
+    std = summary.std[i]
+    return bool(((std > 0) & (distance < BAND_SIGMAS * std)).any())
+
+
+@pytest.fixture(scope="module")
+def routed_run(
+    test_classifier: Classifier, test_model_dir: Path
+) -> tuple[list[SocialPost], McSummary, np.ndarray, list[Any]]:
+    """One batch through BatchProcessor, with thresholds chosen so that some posts are ambiguous
+    and others are not (and most have no label above its threshold)."""
+    settings = make_settings(test_model_dir)
+    posts = make_posts()
+    probe = BatchProcessor(test_classifier, settings)
+    probe_mean = probe.infer(probe.tokenize(posts)).mean
+    # one label at post 0's mean (post 0 sits exactly on it), all others far above every mean
+    spread = probe_mean.max(axis=0) - probe_mean.min(axis=0)
+    label = int(np.argmax(spread))
+    thresholds = np.full(len(test_classifier.label_names), 0.95)
+    thresholds[label] = probe_mean[0, label]
+    original = test_classifier.thresholds
+    test_classifier.thresholds = thresholds
+    try:
+        processor = BatchProcessor(test_classifier, settings)
+        # same seed, same batch: the same samples (flip rates now against the new thresholds)
+        summary = processor.infer(processor.tokenize(posts))
+        np.testing.assert_array_equal(summary.mean, probe_mean)
+        routed = processor.process(posts, make_sources(len(posts)))
+    finally:
+        test_classifier.thresholds = original
+    return posts, summary, thresholds, routed
+
+
+def test_one_event_per_post_in_input_order(routed_run: Any) -> None:
+    posts, _, _, routed = routed_run
+    assert [r.post_id for r in routed] == [p.id for p in posts]
+    assert [r.enriched["id"] for r in routed] == [p.id for p in posts]
+
+
+def test_enriched_events_are_schema_valid(routed_run: Any, test_classifier: Classifier) -> None:
+    posts, _, _, routed = routed_run
+    sources = make_sources(len(posts))
+    for post, source, r in zip(posts, sources, routed, strict=True):
+        event = EnrichedPost.model_validate(r.enriched)
+        assert EnrichedPost.model_validate_json(r.enriched_bytes()) == event
+        assert event.post == post, "the input post, unknown fields included"
+        assert event.post.model_extra == post.model_extra
+        assert event.worker_id == "test-worker"
+        assert event.model.n_samples == 4 and event.model.mc_mode == "full"
+        assert event.uncertainty.n_samples == 4
+        if source is None:
+            assert event.source is None
+        else:
+            assert event.source is not None
+            assert event.source.model_dump(exclude_none=True) == source
+
+
+def test_review_requests_are_schema_valid_and_match_needs_review(routed_run: Any) -> None:
+    _, _, _, routed = routed_run
+    reviewed = 0
+    for r in routed:
+        assert r.enriched["needs_review"] is (r.review is not None)
+        assert (r.review_bytes() is None) == (r.review is None)
+        if r.review is None:
+            assert r.enriched["review_reasons"] == []
+            continue
+        reviewed += 1
+        request = ReviewRequest.model_validate(r.review)
+        assert ReviewRequest.model_validate_json(r.review_bytes() or b"") == request
+        assert request.id == r.post_id
+        assert 0 <= request.priority <= 100
+        assert request.reasons, "a review request always says why"
+        assert r.review["reasons"] == r.enriched["review_reasons"]
+        assert r.review["emotions"] == r.enriched["emotions"]
+        assert r.review["predicted_labels"] == r.enriched["predicted_labels"]
+        assert request.review_score == r.enriched["uncertainty"]["review_score"]
+    assert reviewed > 0
+
+
+def test_emotions_have_one_entry_per_label_in_label_order(
+    routed_run: Any, test_classifier: Classifier
+) -> None:
+    _, summary, thresholds, routed = routed_run
+    names = test_classifier.label_names
+    for i, r in enumerate(routed):
+        emotions = r.enriched["emotions"]
+        assert [e["label"] for e in emotions] == names
+        for j, e in enumerate(emotions):
+            assert e["probability"] == pytest.approx(summary.mean[i, j], abs=1e-6)
+            assert e["uncertainty"] == pytest.approx(summary.std[i, j], abs=1e-6)
+            assert e["threshold"] == pytest.approx(thresholds[j], abs=1e-4)
+            assert e["flip_rate"] == pytest.approx(summary.flip_rate[i, j], abs=1e-4)
+
+
+def test_predicted_labels_are_the_labels_at_or_above_threshold(
+    routed_run: Any, test_classifier: Classifier
+) -> None:
+    _, summary, thresholds, routed = routed_run
+    names = test_classifier.label_names
+    fallbacks = 0
+    for i, r in enumerate(routed):
+        mean = summary.mean[i]
+        above = [j for j in range(len(names)) if mean[j] >= thresholds[j]]
+        if above:
+            expected = [names[j] for j in sorted(above, key=lambda j: -mean[j])]
+        else:
+            expected = [names[int(np.argmax(mean))]]
+            fallbacks += 1
+        assert r.enriched["predicted_labels"] == expected
+        assert r.enriched["top_label"] == names[int(np.argmax(mean))]
+        flagged = [e["label"] for e in r.enriched["emotions"] if e["predicted"]]
+        assert sorted(flagged) == sorted(expected)
+    assert fallbacks > 0, "the thresholds leave some posts with no label above them"
+    assert routed[0].enriched["predicted_labels"] != [], "post 0 sits exactly on a threshold"
+
+
+def test_without_budget_a_post_is_routed_iff_a_rule_fired(routed_run: Any) -> None:
+    _, summary, thresholds, routed = routed_run
+    decisions = []
+    for i, r in enumerate(routed):
+        fired = expected_ambiguous(summary, i, thresholds)
+        decisions.append(fired)
+        assert r.enriched["needs_review"] is fired
+        rules = {reason["rule"] for reason in r.enriched["review_reasons"]}
+        assert rules == ({"ambiguous_label"} if fired else set())
+    assert decisions[0], "post 0 is exactly on a threshold"
+    assert True in decisions and False in decisions, "the batch should have both outcomes"
+
+
+def test_review_score_is_the_threshold_distance_score(routed_run: Any) -> None:
+    _, summary, thresholds, routed = routed_run
+    z = summary.threshold_distance(thresholds)
+    for i, r in enumerate(routed):
+        assert r.enriched["uncertainty"]["review_score"] == pytest.approx(1 / (1 + z[i]), abs=1e-6)
+        assert r.enriched["uncertainty"]["mutual_information"] == pytest.approx(
+            summary.mutual_information[i], abs=1e-6
+        )
+
+
+def test_off_mode_events_have_no_sampling_statistics(
+    test_classifier: Classifier, test_model_dir: Path
+) -> None:
+    settings = make_settings(test_model_dir)
+    settings.model.mc_mode = "off"
+    processor = BatchProcessor(test_classifier, settings)
+    routed = processor.process(make_posts()[:4], [None] * 4)
+    for r in routed:
+        event = EnrichedPost.model_validate(r.enriched)
+        assert event.model.mc_mode == "off" and event.model.n_samples == 1
+        assert event.uncertainty.n_samples == 1
+        assert event.uncertainty.mutual_information is None
+        assert event.uncertainty.review_score is None
+        assert all(e.uncertainty is None and e.flip_rate is None for e in event.emotions)
+        assert event.uncertainty.predictive_entropy is not None
+        assert not event.needs_review, "no samples: the ambiguity rule cannot fire"
+
+
+@pytest.mark.parametrize("target_rate", [None, 0.05])
+def test_watch_labels_are_always_routed(
+    test_classifier: Classifier, test_model_dir: Path, target_rate: float | None
+) -> None:
+    settings = make_settings(
+        test_model_dir,
+        target_rate=target_rate,
+        watch_labels=["nervousness"],
+        watch_min_probability=0.0,
+    )
+    processor = BatchProcessor(test_classifier, settings)
+    routed = processor.process(make_posts()[:4], [None] * 4)
+    for r in routed:
+        assert r.review is not None
+        request = ReviewRequest.model_validate(r.review)
+        watch = [reason for reason in request.reasons if reason.rule == "watch_label"]
+        assert len(watch) == 1 and watch[0].label == "nervousness"
+
+
+# -- hand-built statistics ------------------------------------------------------------------------
+
+LABELS = ["joy", "anger", "neutral"]
+THRESHOLDS = np.array([0.5, 0.4, 0.6])
+
+
+def hand_router(**review: Any) -> Router:
+    settings = ReviewSettings.model_validate(
+        {"target_rate": None, "band_sigmas": BAND_SIGMAS} | review
+    )
+    policy = ReviewPolicy(settings, LABELS, THRESHOLDS)
+    model_info = {"name": "hand", "revision": None, "n_samples": 4, "mc_mode": "full"}
+    return Router(policy, LABELS, THRESHOLDS, model_info, "w1")
+
+
+def hand_summary() -> McSummary:
+    """4 samples of 4 posts: (S, B, L)."""
+    samples = np.array(
+        [
+            # post 0: joy and anger clearly above, joy the larger; neutral clearly below
+            [[0.90, 0.70, 0.10]] * 4,
+            # post 1: nothing reaches its threshold; anger is the most probable
+            [[0.10, 0.30, 0.20]] * 4,
+            # post 2: joy straddles its threshold (mean 0.5, std 0.08): ambiguous
+            [[0.40, 0.05, 0.05], [0.60, 0.05, 0.05], [0.45, 0.05, 0.05], [0.55, 0.05, 0.05]],
+            # post 3: joy above with a small spread, far from the threshold
+            [[0.80, 0.05, 0.05], [0.82, 0.05, 0.05], [0.79, 0.05, 0.05], [0.81, 0.05, 0.05]],
+        ]
+    ).transpose(1, 0, 2)
+    return summarise_samples(samples, THRESHOLDS)
+
+
+def test_predicted_label_indices() -> None:
+    assert predicted_label_indices(np.array([0.9, 0.7, 0.1]), THRESHOLDS) == [0, 1]
+    assert predicted_label_indices(np.array([0.7, 0.9, 0.1]), THRESHOLDS) == [1, 0]
+    assert predicted_label_indices(np.array([0.1, 0.3, 0.2]), THRESHOLDS) == [1]  # fallback
+    assert predicted_label_indices(np.array([0.5, 0.4, 0.6]), THRESHOLDS) == [2, 0, 1]  # ties: >=
+    assert predicted_label_indices(np.array([0.49, 0.1, 0.95]), THRESHOLDS) == [2]
+
+
+def test_hand_built_routing() -> None:
+    summary = hand_summary()
+    posts = [SocialPost(id=f"h{i}", text="x") for i in range(4)]
+    routed = hand_router().route(posts, [None] * 4, summary)
+    events = [EnrichedPost.model_validate(r.enriched) for r in routed]
+
+    assert events[0].predicted_labels == ["joy", "anger"]
+    assert [e.predicted for e in events[0].emotions] == [True, True, False]
+    assert events[1].predicted_labels == ["anger"]  # the fallback: below its threshold
+    assert [e.predicted for e in events[1].emotions] == [False, True, False]
+    assert events[1].top_label == "anger"
+    assert events[3].predicted_labels == ["joy"]
+
+    # identical samples: std 0, no rule can fire; post 2 straddles: routed
+    assert [e.needs_review for e in events] == [False, False, True, False]
+    assert routed[2].review is not None
+    request = ReviewRequest.model_validate(routed[2].review)
+    assert [(r.rule, r.label, r.cut) for r in request.reasons] == [("ambiguous_label", "joy", 0.5)]
+    assert request.reasons[0].value == pytest.approx(0.5, abs=1e-4)
+    assert events[2].emotions[0].flip_rate == pytest.approx(0.5)
+
+
+def test_hand_built_low_confidence_neutral_rule() -> None:
+    samples = np.array([[[0.1, 0.1, 0.65]] * 2, [[0.1, 0.1, 0.9]] * 2]).transpose(1, 0, 2)
+    summary = summarise_samples(samples, THRESHOLDS)
+    posts = [SocialPost(id="n0", text="x"), SocialPost(id="n1", text="y")]
+    routed = hand_router(low_confidence_neutral=0.7).route(posts, [None, None], summary)
+    assert [r.enriched["predicted_labels"] for r in routed] == [["neutral"], ["neutral"]]
+    assert [r.enriched["needs_review"] for r in routed] == [True, False]
+    assert [x["rule"] for x in routed[0].enriched["review_reasons"]] == ["low_confidence_neutral"]

