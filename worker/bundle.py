@@ -100,20 +100,40 @@ def resolve_base(base: dict[str, str]) -> str:
     raise ValueError(f"bundle base {base!r} names no package, path or hub id")
 
 
+def _threshold_value(value: Any) -> Any:
+    """A threshold from ``0.3`` or ``{"p": 0.3, "f1": ...}`` / ``{"threshold": 0.3}``."""
+    if isinstance(value, dict):
+        for key in ("threshold", "p", "value", "t"):
+            if key in value:
+                return value[key]
+        raise ValueError(f"no threshold in {value!r} (expected a number or threshold/p)")
+    return value
+
+
 def read_thresholds(path: Path, label_names: list[str]) -> np.ndarray:
-    """Thresholds from ``{"label": t}`` or a list in label order; labels not listed keep 0.5."""
+    """Per-label thresholds from ``{"label": t}``, ``{"label": {"p": t, ...}}`` (EmCoder),
+    ``{"thresholds": ...}``, ``[{"label": ..., "threshold": t}]`` or a list in label order;
+    labels not listed keep 0.5."""
     data = json.loads(path.read_text(encoding="utf-8"))
     if isinstance(data, dict) and "thresholds" in data:
         data = data["thresholds"]
+    if (
+        isinstance(data, list)
+        and data
+        and all(isinstance(x, dict) and ("label" in x or "name" in x) for x in data)
+    ):
+        data = {str(x.get("label", x.get("name"))): _threshold_value(x) for x in data}
     if isinstance(data, list):
         if len(data) != len(label_names):
             raise ValueError(f"{path}: {len(data)} thresholds for {len(label_names)} labels")
-        values = np.asarray(data, dtype=np.float64)
+        values = np.asarray([float(_threshold_value(x)) for x in data], dtype=np.float64)
     elif isinstance(data, dict):
         unknown = sorted(set(data) - set(label_names))
         if unknown:
             raise ValueError(f"{path}: thresholds for labels the model does not have: {unknown}")
-        values = np.asarray([float(data.get(n, 0.5)) for n in label_names])
+        values = np.asarray(
+            [float(_threshold_value(data[n])) if n in data else 0.5 for n in label_names]
+        )
     else:
         raise ValueError(f"{path}: expected an object of label: threshold or a list")
     if not np.all((values > 0) & (values < 1)):

@@ -15,7 +15,7 @@ from rich.console import Console
 
 app = typer.Typer(
     name="emoworker",
-    help="Classify social posts from Kafka into 28 emotions with MC Dropout uncertainty.",
+    help="Classify social posts from Kafka into emotions with MC Dropout uncertainty.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -72,6 +72,13 @@ ModelOpt = Annotated[
 ]
 SamplesOpt = Annotated[int | None, typer.Option("--n-samples", help="MC Dropout samples.")]
 ModeOpt = Annotated[str | None, typer.Option("--mc-mode", help="full, fast or off.")]
+AdapterOpt = Annotated[
+    str | None, typer.Option("--adapter", help="Output adapter (see the README), e.g. tuple:1.")
+]
+RemoteCodeOpt = Annotated[
+    bool | None,
+    typer.Option("--trust-remote-code", help="Allow the checkpoint's own Python code to run."),
+]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed the MC samples.")]
 
 
@@ -84,6 +91,8 @@ def run(
     model: ModelOpt = None,
     n_samples: SamplesOpt = None,
     mc_mode: ModeOpt = None,
+    adapter: AdapterOpt = None,
+    trust_remote_code: RemoteCodeOpt = None,
 ) -> None:
     """Run the streaming worker (configured by EMOWORKER_* variables and .env)."""
     from worker.logs import configure_logging
@@ -95,6 +104,8 @@ def run(
             "model.path": model,
             "model.n_samples": n_samples,
             "model.mc_mode": mc_mode,
+            "model.adapter": adapter,
+            "model.trust_remote_code": trust_remote_code,
         }
     )
     configure_logging(settings.log_format, settings.log_level)
@@ -121,6 +132,8 @@ def classify(
     mc_mode: ModeOpt = None,
     seed: SeedOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Posts per inference batch.")] = None,
+    adapter: AdapterOpt = None,
+    trust_remote_code: RemoteCodeOpt = None,
 ) -> None:
     """Classify a file of posts: the worker's pipeline without Kafka."""
     from contextlib import ExitStack
@@ -139,6 +152,8 @@ def classify(
             "model.n_samples": n_samples,
             "model.mc_mode": mc_mode,
             "model.seed": seed,
+            "model.adapter": adapter,
+            "model.trust_remote_code": trust_remote_code,
             "batch_size": batch_size,
         }
     )
@@ -388,6 +403,8 @@ def evaluate(
         "runs/evaluation"
     ),
     limit: Annotated[int, typer.Option(help="Evaluate only the first N posts; 0: all.")] = 0,
+    adapter: AdapterOpt = None,
+    trust_remote_code: RemoteCodeOpt = None,
 ) -> None:
     """Score a model on labelled data with MC Dropout: metrics, routing curves, plots."""
     import json
@@ -405,7 +422,13 @@ def evaluate(
     from worker.training.report import evaluate_predictions, markdown_report
 
     settings = load_settings(
-        **{"model.path": model, "model.n_samples": n_samples, "model.mc_mode": mc_mode}
+        **{
+            "model.path": model,
+            "model.n_samples": n_samples,
+            "model.mc_mode": mc_mode,
+            "model.adapter": adapter,
+            "model.trust_remote_code": trust_remote_code,
+        }
     )
     classifier = load_classifier(settings.model)
     names = classifier.label_names

@@ -209,6 +209,7 @@ class Pipeline:
             model=classifier.name,
             revision=classifier.revision,
             labels=len(classifier.label_names),
+            adapter=classifier.adapter.describe(),
             mc_mode=self.processor.engine.mode if self.processor else None,
             n_samples=self.processor.engine.n_samples if self.processor else None,
         )
@@ -416,9 +417,17 @@ class Pipeline:
             started = time.perf_counter()
             batch.outputs = await loop.run_in_executor(self._model_thread, self._outputs, batch)
             valid = sum(1 for i in batch.items if i.post is not None)
+            seconds = time.perf_counter() - started
+            log.debug(
+                "batch inferred",
+                batch=batch.number,
+                posts=valid,
+                messages=len(batch.items),
+                seconds=round(seconds, 3),
+            )
             if valid:
                 self.metrics.batch_size.observe(valid)
-                self.metrics.inference_seconds.observe(time.perf_counter() - started)
+                self.metrics.inference_seconds.observe(seconds)
                 self.metrics.mc_samples.inc(valid * self.processor.engine.n_samples)  # type: ignore[union-attr]
             await self._publish_q.put(batch)
         await self._publish_q.put(None)
@@ -524,8 +533,24 @@ class Pipeline:
                         )
                 elif record.kind == "review":
                     self.metrics.reviewed.inc()
+                    log.info(
+                        "routed to review",
+                        post_id=item.post.id if item.post else None,
+                        batch=batch.number,
+                        partition=item.tp.partition,
+                        offset=item.offset,
+                    )
                 else:
                     self.metrics.dead_lettered.labels(kind=record.kind).inc()
+                    log.warning(
+                        "dead-lettered",
+                        kind=record.kind,
+                        batch=batch.number,
+                        topic=item.tp.topic,
+                        partition=item.tp.partition,
+                        offset=item.offset,
+                        reason=item.failure.message if item.failure else None,
+                    )
         if self.processor is not None:
             self.metrics.review_rate.set(self.processor.policy.budget.routed_share)
         self.metrics.in_flight.set(self.tracker.pending())

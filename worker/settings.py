@@ -6,13 +6,14 @@ The README's configuration reference is generated from this class (``emoworker c
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -87,7 +88,9 @@ class ReviewSettings(BaseModel):
     policy_file: Path | None = Field(
         None, description="TOML or YAML review policy; overrides the fields below when set."
     )
-    score: Literal["threshold_distance", "mutual_information", "predictive_entropy"] = Field(
+    score: Literal[
+        "threshold_distance", "expected_risk", "mutual_information", "predictive_entropy"
+    ] = Field(
         "threshold_distance",
         description="What ranks posts for review (published as uncertainty.review_score).",
     )
@@ -109,12 +112,28 @@ class ReviewSettings(BaseModel):
         ge=0,
         description="A label is ambiguous when |mean - threshold| < band_sigmas x its MC std.",
     )
-    watch_labels: list[str] = Field(
+    watch_labels: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Labels with a stricter rule, e.g. grief,remorse,nervousness,fear.",
+        description="Labels with a stricter rule (always routed), comma-separated, e.g. "
+        "grief,remorse,nervousness,fear.",
     )
-    watch_min_probability: float = Field(
-        0.2, description="A watch-listed label at or above this mean probability is routed."
+    watch_min_probability: float | None = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="A watch-listed label whose mean reaches this is routed; empty disables "
+        "this clause.",
+    )
+    watch_band_sigmas: float | None = Field(
+        None,
+        ge=0,
+        description="A watch-listed label is also routed when its mean lies within this many "
+        "MC std of its threshold; empty: 2 x band_sigmas.",
+    )
+    watch_in_budget: bool = Field(
+        True,
+        description="Watch-listed posts count toward target_rate: the score routes fewer other "
+        "posts so the total share stays at the target.",
     )
     neutral_label: str = Field("neutral", description="The label that means 'no emotion'.")
     low_confidence_neutral: float | None = Field(
@@ -122,8 +141,23 @@ class ReviewSettings(BaseModel):
         description="Route when neutral is the only prediction and its probability is below this.",
     )
     warmup_posts: int = Field(
-        200, description="Posts scored before the budget's quantile estimate is trusted."
+        200,
+        description="Until this many posts, the budget routes by the quantile of the scores "
+        "seen so far (from the 20th post on), flagged as warming up.",
     )
+    budget_window: int = Field(
+        5000, ge=1, description="Recent review scores (per worker) the budget estimates from."
+    )
+
+    @field_validator("watch_labels", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
 
 
 class ModelSettings(BaseModel):
@@ -153,8 +187,10 @@ class ModelSettings(BaseModel):
     )
     adapter: str | None = Field(
         None,
-        description="Output adapter for non-standard models, e.g. 'tuple:1' (logits are "
-        "output[1]) or 'encoder_onnx_head:<head.onnx>'.",
+        description="Output adapter: auto (default), tuple:<i>, onnx[:<file>], "
+        "encoder_onnx_head:<head.onnx or hf://owner/repo/file.onnx>; options ,labels=... "
+        ",pooling=cls|mean ,normalize=true|false ,activation=sigmoid|none. See the README's "
+        "model compatibility section.",
     )
 
 

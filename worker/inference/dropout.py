@@ -9,6 +9,12 @@ Two kinds of dropout live in Hugging Face encoders:
   leaves attention deterministic, so the parent attention module is switched too. Attention modules
   have no other behaviour that depends on ``training``.
 
+* dropout inside ``torch.nn`` transformer layers (custom checkpoints such as EmCoder):
+  ``nn.MultiheadAttention`` keeps its attention dropout as a float and applies it when its own
+  ``training`` flag is set, and ``nn.TransformerEncoderLayer`` in eval mode without gradients
+  takes a fused inference kernel that skips every dropout inside the layer, whatever its children
+  say. Such layers and attention modules are switched too (their own flag only).
+
 Everything else (layer norms, the rest of the model) stays in eval mode.
 """
 
@@ -29,6 +35,44 @@ DROPOUT_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 
+FLOAT_DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "attn_dropout", "dropout_p")
+
+
+def _float_dropout(module: nn.Module) -> float:
+    for name in FLOAT_DROPOUT_ATTRIBUTES:
+        value = module.__dict__.get(name)
+        if isinstance(value, float) and value > 0.0:
+            return value
+    return 0.0
+
+
+def _has_dropout_child(module: nn.Module) -> bool:
+    return any(
+        isinstance(child, DROPOUT_TYPES) and getattr(child, "p", 0.0) > 0.0
+        for child in module.children()
+    )
+
+
+def fused_dropout_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules whose own ``training`` flag decides dropout that ``nn.Dropout`` flags do not."""
+    found: list[nn.Module] = []
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer):
+            if _has_dropout_child(module) or _float_dropout(module.self_attn) > 0.0:
+                found.append(module)
+        elif isinstance(module, nn.MultiheadAttention):
+            if module.dropout > 0.0:
+                found.append(module)
+        elif (
+            "attention" in type(module).__name__.lower()
+            and not isinstance(module, DROPOUT_TYPES)
+            and not _has_dropout_child(module)
+            and _float_dropout(module) > 0.0
+        ):
+            found.append(module)  # e.g. Hugging Face attention with a float attention_dropout
+    return found
+
+
 def _is_attention(module: nn.Module) -> bool:
     return "attention" in type(module).__name__.lower()
 
@@ -45,6 +89,8 @@ def mc_dropout_modules(model: nn.Module) -> list[nn.Module]:
         parent = parents.get(parent_name)
         if parent is not None and parent is not model and _is_attention(parent):
             chosen[id(parent)] = parent
+    for module in fused_dropout_modules(model):
+        chosen[id(module)] = module
     order = {id(m): i for i, m in enumerate(model.modules())}
     return sorted(chosen.values(), key=lambda m: order[id(m)])
 

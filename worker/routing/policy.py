@@ -4,20 +4,33 @@ Scores (higher means more uncertain; the chosen one is published as ``uncertaint
 
 * ``threshold_distance``: 1 / (1 + z) with z = min over labels of |mean - threshold| / std, the
   distance of the closest decision to flipping, in units of its MC standard deviation;
+* ``expected_risk``: 1 - E[F1(P, Y)], the expected per-post risk of the predicted label set P when
+  the true labels Y are independent Bernoulli(mean) draws. Computed exactly (see
+  :func:`expected_risk`); needs only the mean, so it works for deterministic runs too. It is the
+  per-post risk that AURC integrates;
 * ``mutual_information``: epistemic uncertainty (BALD);
 * ``predictive_entropy``: total uncertainty.
 
 Rules (each adds a ``ReviewReason``):
 
-* ``ambiguous_label``: a label's mean lies within ``band_sigmas`` standard deviations of its
-  threshold;
+* ``ambiguous_label``: a label's mean lies within ``band_sigmas`` MC standard deviations of its
+  threshold (at most 3 such labels are named, closest first);
 * ``epistemic``: mutual information above ``epistemic_cut``;
-* ``watch_label``: a watch-listed label reaches ``watch_min_probability`` (always routed, outside
-  the budget: for labels a team must never miss, such as grief or fear);
-* ``low_confidence_neutral``: neutral is the only prediction and its probability is low;
-* ``budget``: the review score is in the top share the budget allows.
+* ``watch_label``: a watch-listed label (e.g. grief, remorse, nervousness, fear for a mental-health
+  team) is predicted, or its mean lies within ``watch_band_sigmas`` (default 2 x ``band_sigmas``)
+  standard deviations of its threshold, or its mean reaches ``watch_min_probability``. Always
+  routed, even when the budget would not route the post;
+* ``low_confidence_neutral``: neutral is the only predicted label and its mean is below the cut;
+* ``budget``: the review score is in the top share the budget allows (see ``budget.py``).
 
-The policy can also be read from a TOML or YAML file with the same field names as the settings.
+Without a budget (``target_rate`` and ``max_per_minute`` both empty) a post is routed exactly when
+a rule fires. With a budget the score decides (watch-listed posts excepted) and the other rules
+explain what makes a routed post uncertain.
+
+The policy can also be read from a TOML or YAML file (``ReviewSettings.policy_file``) with the same
+field names as the settings (top level or under a ``[review]`` table) plus ``watch_band_sigmas``,
+``watch_in_budget`` and ``budget_window``. TOML has no null: write ``"off"`` to disable an optional
+cut. Unknown keys are an error.
 """
 
 from __future__ import annotations
@@ -25,10 +38,11 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from schemas import ReviewReason
 from worker.inference.uncertainty import STD_FLOOR, McSummary
@@ -37,20 +51,108 @@ from worker.settings import ReviewSettings
 
 MAX_LABEL_REASONS = 3
 
+ScoreKind = Literal[
+    "threshold_distance", "expected_risk", "mutual_information", "predictive_entropy"
+]
+SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)
+# scores that mean nothing for a single deterministic pass (no MC spread): published as null then
+SCORES_NEEDING_SAMPLES = frozenset({"threshold_distance", "mutual_information"})
+OFF_WORDS = frozenset({"off", "none", "null", "no", "false", ""})
 
-def load_review_settings(settings: ReviewSettings) -> ReviewSettings:
-    """The settings, overridden by the policy file they name (TOML or YAML)."""
-    if settings.policy_file is None:
-        return settings
-    path = Path(settings.policy_file)
-    text = path.read_text(encoding="utf-8")
-    data: dict[str, Any] = (
-        tomllib.loads(text) if path.suffix.lower() == ".toml" else (yaml.safe_load(text) or {})
+
+class PolicyConfig(BaseModel):
+    """Every knob of the review policy: the ``ReviewSettings`` fields, plus those only a policy
+    file (or a newer ``ReviewSettings``) sets."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    score: ScoreKind = "threshold_distance"
+    target_rate: float | None = Field(0.05, ge=0.0, le=1.0)
+    max_per_minute: float | None = Field(None, gt=0)
+    epistemic_cut: float | None = Field(None, ge=0)
+    band_sigmas: float = Field(1.0, ge=0)
+    watch_labels: list[str] = Field(default_factory=list)
+    watch_min_probability: float | None = Field(0.2, ge=0.0, le=1.0)
+    watch_band_sigmas: float | None = Field(None, ge=0)  # None: 2 x band_sigmas
+    watch_in_budget: bool = True
+    neutral_label: str = "neutral"
+    low_confidence_neutral: float | None = Field(None, ge=0.0, le=1.0)
+    warmup_posts: int = Field(200, ge=0)
+    budget_window: int = Field(5_000, ge=1)
+
+    @field_validator(
+        "target_rate",
+        "max_per_minute",
+        "epistemic_cut",
+        "watch_min_probability",
+        "watch_band_sigmas",
+        "low_confidence_neutral",
+        mode="before",
     )
-    data = data.get("review", data)
-    merged = settings.model_dump() | data
-    merged["policy_file"] = None
-    return ReviewSettings.model_validate(merged)
+    @classmethod
+    def _off(cls, value: object) -> object:
+        """``"off"`` (or false) disables an optional cut: TOML cannot write null."""
+        if value is False or (isinstance(value, str) and value.strip().lower() in OFF_WORDS):
+            return None
+        return value
+
+    @field_validator("watch_labels", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def effective_watch_band_sigmas(self) -> float:
+        if self.watch_band_sigmas is not None:
+            return self.watch_band_sigmas
+        return 2.0 * self.band_sigmas
+
+
+def read_policy_file(path: Path) -> dict[str, Any]:
+    """The fields a TOML or YAML policy file sets (top level, or under ``review``)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        if Path(path).suffix.lower() == ".toml":
+            data: Any = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"review policy {path} cannot be parsed: {exc}") from exc
+    if data is None:
+        return {}
+    if isinstance(data, dict) and isinstance(data.get("review"), dict):
+        data = data["review"]
+    if not isinstance(data, dict):
+        raise ValueError(f"review policy {path} must hold a table of settings")
+    return dict(data)
+
+
+def load_policy(settings: ReviewSettings) -> PolicyConfig:
+    """The policy of ``settings`` (a ``ReviewSettings``), overridden by the file it names.
+
+    Fields ``settings`` lacks (older settings) take the defaults of :class:`PolicyConfig`.
+    """
+    values = {
+        name: getattr(settings, name)
+        for name in PolicyConfig.model_fields
+        if hasattr(settings, name)
+    }
+    path = getattr(settings, "policy_file", None)
+    if path is None:
+        return PolicyConfig.model_validate(values)
+    data = read_policy_file(Path(path))
+    unknown = sorted(set(data) - set(PolicyConfig.model_fields))
+    if unknown:
+        raise ValueError(
+            f"review policy {path}: unknown setting(s) {unknown}; known: "
+            f"{sorted(PolicyConfig.model_fields)}"
+        )
+    try:
+        return PolicyConfig.model_validate(values | data)
+    except ValidationError as exc:
+        raise ValueError(f"review policy {path}: {exc}") from exc
 
 
 @dataclass
@@ -61,15 +163,73 @@ class ReviewDecision:
     priority: int
 
 
+def predicted_mask(mean: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """(B, L) labels at or above their threshold; a post with none gets its most probable label
+    (the same sets as ``router.predicted_label_indices``)."""
+    predicted = mean >= thresholds
+    none = ~predicted.any(axis=1)
+    if none.any():
+        rows = np.flatnonzero(none)
+        predicted[rows, np.argmax(mean[rows], axis=1)] = True
+    return predicted
+
+
+def poisson_binomial(probs: np.ndarray, include: np.ndarray) -> np.ndarray:
+    """(B, L + 1): per post, the distribution of how many of the ``include``-d labels (B, L) are
+    on, each on independently with its probability in ``probs`` (B, L)."""
+    n_posts, n_labels = probs.shape
+    pmf = np.zeros((n_posts, n_labels + 1))
+    pmf[:, 0] = 1.0
+    for j in range(n_labels):
+        q = np.where(include[:, j], probs[:, j], 0.0)[:, None]
+        shifted = np.zeros_like(pmf)
+        shifted[:, 1:] = pmf[:, :-1]
+        pmf = pmf * (1.0 - q) + shifted * q
+    return pmf
+
+
+def expected_risk(mean: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Per post, 1 - E[F1(P, Y)] with P the predicted set and Y_l ~ Bernoulli(mean_l) independent.
+
+    F1(P, Y) = 2 |P & Y| / (|P| + |Y|); P is never empty, so the ratio is always defined. With
+    A = |P & Y| and C = |Y - P| (independent Poisson-binomial counts over the labels in and out of
+    P, k = |P|):
+
+        E[F1] = sum_a sum_c P(A = a) P(C = c) 2a / (k + a + c)
+
+    Exact, deterministic (a post's score does not depend on its batch) and O(B L^2).
+    """
+    p = np.clip(np.asarray(mean, dtype=np.float64), 0.0, 1.0)
+    if p.size == 0:
+        return np.zeros(len(p))
+    predicted = predicted_mask(p, np.asarray(thresholds, dtype=np.float64))
+    k = predicted.sum(axis=1).astype(np.float64)
+    in_p = poisson_binomial(p, predicted)  # A
+    out_p = poisson_binomial(p, ~predicted)  # C
+    counts = np.arange(p.shape[1] + 1, dtype=np.float64)
+    a, c = counts[:, None], counts[None, :]
+    f1 = 2.0 * a / (k[:, None, None] + a + c)  # (B, A, C)
+    expected_f1 = np.einsum("ba,bc,bac->b", in_p, out_p, f1)
+    return np.asarray(np.clip(1.0 - expected_f1, 0.0, 1.0))
+
+
 def review_scores(kind: str, summary: McSummary, thresholds: np.ndarray) -> np.ndarray:
+    """Per post, the review score ``kind`` (higher: more uncertain)."""
+    thresholds = np.asarray(thresholds, dtype=np.float64)
     if kind == "threshold_distance":
         z = np.abs(summary.mean - thresholds) / np.maximum(summary.std, STD_FLOOR)
         return np.asarray(1.0 / (1.0 + z.min(axis=1)))
+    if kind == "expected_risk":
+        return expected_risk(summary.mean, thresholds)
     if kind == "mutual_information":
         return np.asarray(summary.mutual_information, dtype=np.float64)
     if kind == "predictive_entropy":
         return np.asarray(summary.predictive_entropy, dtype=np.float64)
-    raise ValueError(f"unknown review score {kind!r}")
+    raise ValueError(f"unknown review score {kind!r}; known: {list(SCORE_KINDS)}")
+
+
+def _round(x: float, digits: int = 4) -> float:
+    return round(float(x), digits)
 
 
 class ReviewPolicy:
@@ -80,99 +240,147 @@ class ReviewPolicy:
         thresholds: np.ndarray,
         budget: ReviewBudget | None = None,
     ) -> None:
-        self.settings = load_review_settings(settings)
-        unknown = sorted(set(self.settings.watch_labels) - set(label_names))
-        if unknown:
-            raise ValueError(f"watch-listed labels the model does not have: {unknown}")
-        self.label_names = label_names
+        self.settings = settings
+        self.config = config = load_policy(settings)
+        self.label_names = list(label_names)
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
-        self.watch = [label_names.index(n) for n in self.settings.watch_labels]
+        if self.thresholds.shape != (len(self.label_names),):
+            raise ValueError(
+                f"{len(self.label_names)} labels but thresholds of shape {self.thresholds.shape}"
+            )
+        unknown = sorted(set(config.watch_labels) - set(self.label_names))
+        if unknown:
+            raise ValueError(
+                f"watch-listed labels the model does not have: {unknown}; the model's labels: "
+                f"{self.label_names}"
+            )
+        self.watch = [self.label_names.index(n) for n in dict.fromkeys(config.watch_labels)]
         self.neutral = (
-            label_names.index(self.settings.neutral_label)
-            if self.settings.neutral_label in label_names
+            self.label_names.index(config.neutral_label)
+            if config.neutral_label in self.label_names
             else None
         )
-        self.budget = budget or ReviewBudget(
-            self.settings.target_rate,
-            self.settings.max_per_minute,
-            warmup=self.settings.warmup_posts,
+        if config.low_confidence_neutral is not None and self.neutral is None:
+            raise ValueError(
+                f"low_confidence_neutral is set but the model has no {config.neutral_label!r} "
+                "label (see neutral_label)"
+            )
+        self.budget = (
+            budget
+            if budget is not None
+            else ReviewBudget(
+                config.target_rate,
+                config.max_per_minute,
+                window=config.budget_window,
+                warmup=config.warmup_posts,
+                count_forced=config.watch_in_budget,
+            )
         )
 
+    @property
+    def score_needs_samples(self) -> bool:
+        """Whether the score means nothing for a post with one (deterministic) sample."""
+        return self.config.score in SCORES_NEEDING_SAMPLES
+
     def scores(self, summary: McSummary) -> np.ndarray:
-        return review_scores(self.settings.score, summary, self.thresholds)
+        return review_scores(self.config.score, summary, self.thresholds)
+
+    def _ambiguous(self, mean: np.ndarray, std: np.ndarray) -> list[ReviewReason]:
+        band = self.config.band_sigmas
+        distance = np.abs(mean - self.thresholds)
+        ambiguous = np.flatnonzero((std > 0) & (distance < band * std))
+        closest = ambiguous[np.argsort(distance[ambiguous] / std[ambiguous], kind="stable")]
+        return [
+            ReviewReason(
+                rule="ambiguous_label",
+                label=self.label_names[j],
+                value=_round(mean[j]),
+                cut=_round(self.thresholds[j]),
+                message=(
+                    f"{self.label_names[j]}: mean {mean[j]:.3f} is within {band:g} std "
+                    f"({std[j]:.3f}) of its threshold {self.thresholds[j]:.3f}"
+                ),
+            )
+            for j in closest[:MAX_LABEL_REASONS]
+        ]
+
+    def _watch(
+        self, mean: np.ndarray, std: np.ndarray, sampled: bool, predicted: list[int]
+    ) -> list[ReviewReason]:
+        c = self.config
+        band = c.effective_watch_band_sigmas
+        reasons = []
+        for j in self.watch:
+            name, m, t, s = self.label_names[j], float(mean[j]), float(self.thresholds[j]), std[j]
+            cut: float | None
+            if j in predicted:
+                cut = t
+                how = (
+                    f"is predicted (mean {m:.3f} >= threshold {t:.3f})"
+                    if m >= t
+                    else f"is the top label (mean {m:.3f}, threshold {t:.3f})"
+                )
+            elif sampled and s > 0 and abs(m - t) < band * s:
+                cut = t
+                how = f"at {m:.3f} is within {band:g} std ({s:.3f}) of its threshold {t:.3f}"
+            elif c.watch_min_probability is not None and m >= c.watch_min_probability:
+                cut = c.watch_min_probability
+                how = f"at {m:.3f} reaches {c.watch_min_probability:g}"
+            else:
+                continue
+            reasons.append(
+                ReviewReason(
+                    rule="watch_label",
+                    label=name,
+                    value=_round(m),
+                    cut=_round(cut),
+                    message=f"watch-listed {name} {how}",
+                )
+            )
+        return reasons
 
     def rules(
         self, summary: McSummary, i: int, predicted: list[int], score: float
     ) -> tuple[list[ReviewReason], bool]:
         """Reasons that apply to post ``i``, and whether one of them forces routing."""
-        s = self.settings
+        c = self.config
         mean, std = summary.mean[i], summary.std[i]
+        sampled = bool(summary.n_samples[i] > 1)
         reasons: list[ReviewReason] = []
-        forced = False
-        if summary.n_samples[i] > 1:
-            distance = np.abs(mean - self.thresholds)
-            ambiguous = np.flatnonzero((std > 0) & (distance < s.band_sigmas * std))
-            for j in ambiguous[np.argsort(distance[ambiguous] / std[ambiguous])][
-                :MAX_LABEL_REASONS
-            ]:
-                reasons.append(
-                    ReviewReason(
-                        rule="ambiguous_label",
-                        label=self.label_names[j],
-                        value=round(float(mean[j]), 4),
-                        cut=round(float(self.thresholds[j]), 4),
-                        message=(
-                            f"{self.label_names[j]}: mean {mean[j]:.3f} is within "
-                            f"{s.band_sigmas:g} std ({std[j]:.3f}) of its threshold "
-                            f"{self.thresholds[j]:.2f}"
-                        ),
-                    )
-                )
+        if sampled:
+            reasons += self._ambiguous(mean, std)
             mi = float(summary.mutual_information[i])
-            if s.epistemic_cut is not None and mi > s.epistemic_cut:
+            if c.epistemic_cut is not None and mi > c.epistemic_cut:
                 reasons.append(
                     ReviewReason(
                         rule="epistemic",
-                        value=round(mi, 5),
-                        cut=s.epistemic_cut,
-                        message=f"mutual information {mi:.4f} exceeds {s.epistemic_cut:g}",
+                        value=_round(mi, 5),
+                        cut=c.epistemic_cut,
+                        message=f"mutual information {mi:.4f} exceeds {c.epistemic_cut:g}",
                     )
                 )
-        for j in self.watch:
-            if mean[j] >= s.watch_min_probability:
-                forced = True
-                reasons.append(
-                    ReviewReason(
-                        rule="watch_label",
-                        label=self.label_names[j],
-                        value=round(float(mean[j]), 4),
-                        cut=s.watch_min_probability,
-                        message=(
-                            f"watch-listed {self.label_names[j]} at {mean[j]:.3f} "
-                            f"(>= {s.watch_min_probability:g})"
-                        ),
-                    )
-                )
+        watch = self._watch(mean, std, sampled, predicted)
+        reasons += watch
         if (
-            s.low_confidence_neutral is not None
+            c.low_confidence_neutral is not None
             and self.neutral is not None
             and predicted == [self.neutral]
-            and mean[self.neutral] < s.low_confidence_neutral
+            and mean[self.neutral] < c.low_confidence_neutral
         ):
             reasons.append(
                 ReviewReason(
                     rule="low_confidence_neutral",
                     label=self.label_names[self.neutral],
-                    value=round(float(mean[self.neutral]), 4),
-                    cut=s.low_confidence_neutral,
+                    value=_round(mean[self.neutral]),
+                    cut=c.low_confidence_neutral,
                     message=(
                         f"only neutral predicted, at a low {mean[self.neutral]:.3f} "
-                        f"(< {s.low_confidence_neutral:g})"
+                        f"(< {c.low_confidence_neutral:g})"
                     ),
                 )
             )
-        if not self.budget.enabled and reasons:
-            forced = True  # no budget: every rule routes
+        # watch-listed labels always route; without a budget every rule does
+        forced = bool(watch) or (not self.budget.enabled and bool(reasons))
         return reasons, forced
 
     def decide(
@@ -181,20 +389,29 @@ class ReviewPolicy:
         reasons, forced = self.rules(summary, i, predicted, score)
         verdict: BudgetDecision = self.budget.decide(score, forced=forced)
         if verdict.routed and not forced:
+            warming = (
+                f"; estimate from the first {self.budget.seen} posts" if verdict.warming_up else ""
+            )
             reasons.append(
                 ReviewReason(
                     rule="budget",
-                    value=round(score, 5),
-                    cut=None if verdict.cut is None else round(verdict.cut, 5),
+                    value=_round(score, 5),
+                    cut=(
+                        _round(verdict.cut, 5)
+                        if verdict.cut is not None and np.isfinite(verdict.cut)
+                        else None
+                    ),
                     message=(
                         f"review score {score:.4f} is in the top {100 * verdict.rate:.3g}% of "
-                        f"recent posts (percentile {verdict.priority})"
+                        f"recent posts (percentile {verdict.priority}{warming})"
                     ),
                 )
             )
+        # watch-listed posts are the ones a team must never miss: they go to the front
+        watched = any(r.rule == "watch_label" for r in reasons)
         return ReviewDecision(
             score=score,
             reasons=reasons if verdict.routed else [],
             routed=verdict.routed,
-            priority=verdict.priority,
+            priority=100 if watched and verdict.routed else verdict.priority,
         )

@@ -89,11 +89,14 @@ class Router:
                 for j, name in enumerate(self.label_names)
             ]
             decision = self.policy.decide(summary, i, predicted, float(scores[i]))
+            # a score that needs MC spread (threshold distance, mutual information) means nothing
+            # for one deterministic pass: null then; expected risk and entropy are always defined
+            scored = sampled or not self.policy.score_needs_samples
             uncertainty = {
                 "predictive_entropy": _r(summary.predictive_entropy[i]),
                 "expected_entropy": _r(summary.expected_entropy[i]) if sampled else None,
                 "mutual_information": _r(summary.mutual_information[i]) if sampled else None,
-                "review_score": _r(decision.score) if sampled else None,
+                "review_score": _r(decision.score) if scored else None,
                 "max_flip_rate": _r(flips.max(), 4) if sampled else None,
                 "n_samples": int(summary.n_samples[i]),
             }

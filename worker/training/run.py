@@ -16,7 +16,7 @@ from worker.inference.adapters import OutputAdapter
 from worker.inference.loading import Classifier
 from worker.training.evaluation import calibration_report, predict_texts
 from worker.training.export import WeightsKind, export_bundle
-from worker.training.goemotions import load_dataset_dir
+from worker.training.goemotions import LabelledSplit, load_dataset_dir
 from worker.training.train import TrainConfig, TrainResult, train
 
 
@@ -100,9 +100,27 @@ def run_training(
 ) -> dict[str, Any]:
     names, train_split, dev_split = load_dataset_dir(data_dir)
     log(f"data: {len(train_split):,} train and {len(dev_split):,} dev posts, {len(names)} labels")
-    started = time.perf_counter()
     result = train(config, names, train_split, dev_split, log=log, progress=progress)
     log(f"best: {result.best.line()}")
+    return calibrate_and_export(
+        result, names, data_dir, len(train_split), dev_split, output, kind, n_samples, log
+    )
+
+
+def calibrate_and_export(
+    result: TrainResult,
+    names: list[str],
+    data_dir: Path,
+    n_train: int,
+    dev_split: LabelledSplit,
+    output: Path,
+    kind: WeightsKind,
+    n_samples: int,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Thresholds from MC Dropout means on dev, dev figures, and the bundle with its card."""
+    config = result.config
+    started = time.perf_counter() - result.seconds
     classifier = classifier_from(result, names)
     deterministic = predict_texts(classifier, dev_split.texts, mode="off")
     log(f"calibrating thresholds on dev with MC Dropout (N = {n_samples})")
@@ -145,7 +163,7 @@ def run_training(
         kind=kind,
         size_kb=stored["bytes"] / 1024,
         data=data_dir,
-        n_train=len(train_split),
+        n_train=n_train,
         n_dev=len(dev_split),
         mc_mode="full",
         n_samples=n_samples,

@@ -1,0 +1,1 @@
+"""Tiny local stand-ins for the published model families (see ``builders``)."""
