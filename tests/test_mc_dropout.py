@@ -274,10 +274,22 @@ def test_fast_mode_stops_early_far_from_every_threshold(
     classifier: Classifier, token_ids: list[list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(classifier, "thresholds", np.full(len(classifier.label_names), 0.99))
-    e = engine(classifier, mode="fast", n_samples=16, first_samples=4, seed=1)
+    e = engine(classifier, mode="fast", n_samples=16, first_samples=4, seed=1,
+               watch_top_share=0.0)  # fmt: skip
     summary = e.predict(token_ids)
     assert summary.mean.max() < 0.9, "every mean is far below the 0.99 thresholds"
     np.testing.assert_array_equal(summary.n_samples, [4] * len(TEXTS))
+
+
+def test_fast_mode_samples_the_review_candidates_fully(
+    classifier: Classifier, token_ids: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Far from every threshold, only the batch's most uncertain quarter keeps sampling."""
+    monkeypatch.setattr(classifier, "thresholds", np.full(len(classifier.label_names), 0.99))
+    e = engine(classifier, mode="fast", n_samples=16, first_samples=4, seed=1,
+               watch_top_share=0.25)  # fmt: skip
+    summary = e.predict(token_ids)
+    assert sorted(summary.n_samples.tolist()) == [4] * (len(TEXTS) - 2) + [16, 16]
 
 
 def test_fast_mode_samples_undecided_posts_up_to_n(

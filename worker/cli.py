@@ -311,19 +311,25 @@ def train(
     ] = None,
     epochs: Annotated[
         float, typer.Option(help="Training epochs (early stopping may end sooner).")
-    ] = 5.0,
-    learning_rate: Annotated[float, typer.Option(help="Encoder learning rate.")] = 8e-5,
+    ] = 4.0,
+    learning_rate: Annotated[
+        float, typer.Option(help="Learning rate (LoRA adapters or, with --lora-rank 0, weights).")
+    ] = 5e-4,
     head_learning_rate: Annotated[
         float, typer.Option(help="Classifier head learning rate.")
     ] = 1e-3,
     batch_size: Annotated[int, typer.Option(help="Posts per optimiser step.")] = 32,
     pos_weight: Annotated[str, typer.Option(help="Class balance: log, sqrt or none.")] = "log",
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank; 0 fine-tunes every weight.")] = 0,
-    weights: Annotated[str, typer.Option(help="Bundle weights: delta, lora or full.")] = "delta",
+    lora_rank: Annotated[
+        int, typer.Option(help="LoRA rank; 0 fine-tunes every weight (use ~8e-5 then).")
+    ] = 32,
+    weights: Annotated[
+        str, typer.Option(help="Bundle weights: lora (needs --lora-rank), delta or full.")
+    ] = "lora",
     freeze_embeddings: Annotated[bool, typer.Option(help="Keep word embeddings fixed.")] = True,
     ema_decay: Annotated[float, typer.Option(help="Weight averaging; 0 disables.")] = 0.0,
     eval_every: Annotated[
-        int, typer.Option(help="Steps between dev evaluations; 0: per epoch.")
+        int, typer.Option(help="Steps between dev evaluations; 0: two per epoch.")
     ] = 0,
     patience: Annotated[int, typer.Option(help="Evaluations without gain before stopping.")] = 4,
     n_samples: Annotated[int, typer.Option(help="MC samples for threshold calibration.")] = 30,

@@ -33,18 +33,20 @@ import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import (
-    KafkaConnectionError,
+    CorruptRecordException,
     KafkaError,
+    RecordTooLargeError,
     UnknownTopicOrPartitionError,
 )
+from aiokafka.structs import ConsumerRecord
 
-from schemas import SocialPost
+from schemas import DeadLetterKind, SocialPost
 from worker.batching import MicroBatcher
 from worker.decoding import DecodeFailure, DecodeLimits, decode_post
 from worker.http import HealthServer
 from worker.inference.loading import Classifier, load_classifier
-from worker.kafka.clients import build_consumer, build_producer
-from worker.kafka.delivery import DeliveryFailed, OutputRecord, Publisher, is_auth_error
+from worker.kafka.clients import build_consumer, build_producer, probe_credentials
+from worker.kafka.delivery import DeliveryFailed, OutputRecord, Publisher, Sent, is_auth_error
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker
 from worker.processing import BatchProcessor, dead_letter_event
@@ -53,6 +55,8 @@ from worker.settings import WorkerSettings
 log = structlog.get_logger(__name__)
 
 EXIT_OK, EXIT_CONFIG, EXIT_KAFKA, EXIT_DELIVERY = 0, 1, 2, 3
+# what aiokafka raises from getmany for a record it cannot parse (e.g. a non-UTF-8 header key)
+UNREADABLE = (UnicodeDecodeError, CorruptRecordException)
 
 
 @dataclass
@@ -132,6 +136,8 @@ class Pipeline:
         self._infer_q: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
         self._publish_q: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
         self._active: dict[TopicPartition, int] = {}  # items past the batcher, per partition
+        self._next_offset: dict[TopicPartition, int] = {}  # after the last record received
+        self._too_large: dict[tuple[TopicPartition, int], int] = {}  # refetch attempts
         self._stop = asyncio.Event()
         self._fatal: FatalError | None = None
         self._model_ready = False
@@ -230,16 +236,19 @@ class Pipeline:
             try:
                 await producer.start()
                 await consumer.start()
-            except Exception as exc:
+            except (KafkaError, OSError, TimeoutError) as exc:
                 await _stop_quietly(consumer, producer)
-                if is_auth_error(exc):
+                # a rejected login looks like an unreachable cluster to aiokafka: ask once
+                login = exc if is_auth_error(exc) else None
+                if login is None and s.kafka.security_protocol.startswith("SASL"):
+                    login = await probe_credentials(s.kafka)
+                if login is not None:
                     raise FatalError(
-                        f"Kafka authentication failed ({type(exc).__name__}): check "
-                        "EMOWORKER_KAFKA__SASL_MECHANISM, _SASL_USERNAME and _SASL_PASSWORD",
+                        f"Kafka authentication failed ({type(login).__name__}: {login}); not "
+                        "retrying: check EMOWORKER_KAFKA__SASL_MECHANISM, _SASL_USERNAME and "
+                        "_SASL_PASSWORD",
                         EXIT_KAFKA,
                     ) from exc
-                if not isinstance(exc, KafkaConnectionError | KafkaError | OSError):
-                    raise
                 waited = time.monotonic() - started
                 if s.kafka.startup_timeout_s and waited > s.kafka.startup_timeout_s:
                     raise FatalError(
@@ -284,7 +293,11 @@ class Pipeline:
         stop = asyncio.create_task(self._stop.wait())
         try:
             await asyncio.wait(stages | {stop}, return_when=asyncio.FIRST_COMPLETED)
+            # a graceful stop drains for up to the grace period; after a fatal error there is
+            # nothing left that may be published or committed, so the stages stop at once
             grace = self.settings.shutdown_grace_s if self._stop.is_set() else None
+            if self._fatal is not None:
+                grace = 0
             done, pending = await asyncio.wait(
                 stages, timeout=grace, return_when=asyncio.FIRST_EXCEPTION
             )
@@ -330,28 +343,126 @@ class Pipeline:
             except UnknownTopicOrPartitionError:
                 await asyncio.sleep(1)
                 continue
-            for tp, batch in records.items():
-                for record in batch:
-                    if tp not in self.assigned:
-                        continue  # revoked while the fetch was in flight
-                    epoch = self.tracker.track(tp, record.offset)
-                    self.metrics.consumed.inc()
-                    decoded = decode_post(record.value, self.limits)
-                    post = decoded if isinstance(decoded, SocialPost) else None
-                    failure = decoded if isinstance(decoded, DecodeFailure) else None
-                    item = Inbound(
-                        tp,
-                        record.offset,
-                        epoch,
-                        record.timestamp,
-                        record.key,
-                        record.value,
-                        post,
-                        failure,
-                    )
-                    self.batcher.add(item)
-            self.metrics.in_flight.set(self.tracker.pending())
+            except RecordTooLargeError as exc:
+                self._record_too_large(exc)
+                continue
+            except UNREADABLE as exc:
+                await self._skip_unreadable(exc)
+                continue
+            self._accept(records)
         self.batcher.close()
+
+    def _accept(self, records: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        """Track, decode and hand consumed records to the batcher."""
+        for tp, batch in records.items():
+            for record in batch:
+                if tp not in self.assigned:
+                    continue  # revoked while the fetch was in flight
+                self._add(tp, record.offset, record.timestamp, record.key, record.value)
+        self.metrics.in_flight.set(self.tracker.pending())
+
+    def _add(
+        self,
+        tp: TopicPartition,
+        offset: int,
+        timestamp_ms: int | None,
+        key: bytes | None,
+        value: bytes | None,
+        failure: DecodeFailure | None = None,
+    ) -> None:
+        epoch = self.tracker.track(tp, offset)
+        self._next_offset[tp] = offset + 1
+        self.metrics.consumed.inc()
+        decoded = failure or decode_post(value, self.limits)
+        post = decoded if isinstance(decoded, SocialPost) else None
+        failure = decoded if isinstance(decoded, DecodeFailure) else None
+        self.batcher.add(Inbound(tp, offset, epoch, timestamp_ms, key, value, post, failure))
+
+    def _record_too_large(self, exc: RecordTooLargeError) -> None:
+        """aiokafka got only part of a record (larger than ``max_partition_fetch_bytes`` and
+        served after other partitions in one response, or from a broker older than 0.10.1) and
+        skipped it. Go back: first in a fetch, a broker returns it whole. If it still does not
+        come through, dead-letter it without its payload rather than lose it silently."""
+        assert self.consumer is not None
+        _, tp, offset, limit = exc.args
+        if tp not in self.assigned:
+            return
+        tries = self._too_large.get((tp, offset), 0) + 1
+        self._too_large[(tp, offset)] = tries
+        if tries <= 3:
+            log.warning(
+                "record larger than a fetch; fetching it again",
+                partition=tp.partition,
+                offset=offset,
+                fetch_bytes=limit,
+                attempt=tries,
+            )
+            self.consumer.seek(tp, offset)
+            return
+        del self._too_large[(tp, offset)]
+        self.consumer.seek(tp, offset + 1)
+        message = (
+            f"the record does not fit in one fetch of {limit:,} bytes "
+            "(EMOWORKER_KAFKA__MAX_PARTITION_FETCH_BYTES); its payload could not be read"
+        )
+        self._add(tp, offset, None, None, None, DecodeFailure("message_too_large", message))
+
+    async def _skip_unreadable(self, exc: Exception) -> None:
+        """aiokafka could not parse a record (a header key that is not UTF-8, a corrupt batch).
+        ``getmany`` then raises, drops what it had already drained in that call (from any
+        partition), and raises again on every later call: one hostile record would stop the
+        worker. Go back to the first record not received in every partition, then read the
+        partitions in turn, one record per call, until the unreadable one shows up: dead-letter
+        it (its payload cannot be read) and carry on after it."""
+        assert self.consumer is not None
+        consumer = self.consumer
+        log.warning("a record could not be read; locating it", error=f"{type(exc).__name__}")
+        if self.paused:
+            consumer.resume(*self.assigned)
+            self.paused = False
+        for tp in list(self.assigned):
+            consumer.seek(tp, await self._next_offset_of(tp))
+        deadline = time.monotonic() + 60  # without progress: give up, read normally again
+        while time.monotonic() < deadline and not self._stop.is_set():
+            if self.tracker.pending() >= self._backlog_limit():
+                await asyncio.sleep(0.05)  # backpressure, as in normal reading
+                continue
+            received = False
+            for tp in list(self.assigned):
+                try:
+                    records = await consumer.getmany(tp, timeout_ms=0, max_records=1)
+                except UNREADABLE as error:
+                    offset = await self._next_offset_of(tp)
+                    consumer.seek(tp, offset + 1)
+                    kind: DeadLetterKind = (
+                        "invalid_utf8"
+                        if isinstance(error, UnicodeDecodeError)
+                        else "processing_error"
+                    )
+                    message = f"the Kafka record cannot be parsed ({type(error).__name__}: {error})"
+                    self._add(tp, offset, None, None, None, DecodeFailure(kind, message[:500]))
+                    log.warning(
+                        "unreadable record dead-lettered", partition=tp.partition, offset=offset
+                    )
+                    return
+                except KafkaError:
+                    continue  # e.g. revoked meanwhile
+                if records:
+                    received = True
+                    deadline = time.monotonic() + 60
+                    self._accept(records)
+            if not received:
+                await asyncio.sleep(0.05)
+
+    async def _next_offset_of(self, tp: TopicPartition) -> int:
+        """The first offset of ``tp`` not received since it was assigned."""
+        assert self.consumer is not None
+        if tp in self._next_offset:
+            return self._next_offset[tp]
+        committed = await self.consumer.committed(tp)
+        if committed is None:
+            committed = (await self.consumer.beginning_offsets([tp]))[tp]
+        return int(committed)
 
     def _fetch_size(self) -> int:
         return max(1, min(self.settings.batch_size * 4, self._backlog_limit()))
@@ -502,10 +613,10 @@ class Pipeline:
         if self._fatal is not None:
             raise self._fatal
 
-    async def _await_acks(self, batch: Batch, sent: list[asyncio.Future[Any]]) -> None:
+    async def _await_acks(self, batch: Batch, sent: Sent) -> None:
         assert self.publisher is not None
         try:
-            await self.publisher.confirm(_flatten(batch.outputs), sent)
+            await self.publisher.confirm(sent)
         except DeliveryFailed as exc:
             self._fail_delivery(exc)
             return
@@ -572,7 +683,7 @@ class Pipeline:
         try:
             async with self.producer.transaction():
                 sent = await self.publisher.send_all(_flatten(batch.outputs))
-                await self.publisher.confirm(_flatten(batch.outputs), sent, retry=False)
+                await self.publisher.confirm(sent, retry=False)
                 await self.producer.send_offsets_to_transaction(offsets, self.settings.group_id)
         except (KafkaError, DeliveryFailed) as exc:
             raise FatalError(
@@ -640,6 +751,7 @@ class Pipeline:
         self.tracker.forget(revoked)
         for tp in revoked:
             self._active.pop(tp, None)
+            self._next_offset.pop(tp, None)
         self.metrics.ready.set(0)
         log.info(
             "partitions revoked", partitions=sorted(f"{t.topic}:{t.partition}" for t in revoked)

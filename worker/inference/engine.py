@@ -1,31 +1,40 @@
 """The MC Dropout engine: N stochastic passes over a batch of tokenised posts.
 
-Arrangement (what measured fastest on CPU; see bench/):
+Arrangement (what measured fastest on CPU; see ``emoworker bench``):
 
 1. posts are sorted by length and cut into chunks under a token budget, so little padding is
-   computed and activations stay in cache;
-2. each forward pass carries ``samples_per_forward`` copies of a chunk (more rows per matmul, fewer
-   Python calls); the copies get independent dropout masks;
-3. results go into running sums (``McAccumulator``), never a (N, B, L) tensor.
+   computed and activations stay in cache (small chunks measured faster than large ones here);
+2. when a chunk is smaller than the budget, a forward pass carries several copies of it (more
+   rows per matmul, fewer Python calls); the copies get independent dropout masks;
+3. on the CPU, dropout masks come from random 64-bit words (``fast_dropout.py``): PyTorch's own
+   per-element Bernoulli draws cost as much as the matmuls;
+4. results go into running sums (``McAccumulator``), never a (N, B, L) tensor.
 
 Modes:
 
 * ``full``: every post gets N samples with every dropout layer stochastic.
-* ``fast``: adaptive sampling. Every post first gets ``first_samples``; posts whose decision could
-  still change (a label mean within ``z`` standard errors of its threshold, or a review score near
-  the review cut) get more, up to N. Far-from-threshold posts stop early.
+* ``fast``: adaptive sampling on an int8 copy of the linear layers (CPU). Every post first gets
+  ``first_samples``; then, in rounds that double the samples, only posts whose outcome could still
+  change keep sampling: a label mean within ``z`` standard errors of its threshold (the label set
+  could flip), or a place among the batch's most uncertain ``watch_top_share`` (the review
+  decision could flip). Far-from-threshold, unremarkable posts stop early.
 * ``off``: one deterministic pass (also used for models without dropout).
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from torch import nn
 
 from worker.inference.dropout import set_mc_dropout
+from worker.inference.fast_dropout import install_fast_dropout
 from worker.inference.loading import Classifier
 from worker.inference.uncertainty import McAccumulator, McSummary
 
@@ -37,10 +46,13 @@ class EngineConfig:
     n_samples: int = 30
     mode: McMode = "full"
     seed: int | None = None
-    max_tokens_per_forward: int = 4096
+    max_tokens_per_forward: int = 1024
     samples_per_forward: int = 0  # 0: as many as fit the token budget
+    fast_dropout: bool = True  # cheaper dropout masks on the CPU (see fast_dropout.py)
     first_samples: int = 8  # fast mode: samples every post gets
     z: float = 3.0  # fast mode: more samples while |mean - t| < z * standard error
+    watch_top_share: float = 0.2  # fast mode: the batch's most uncertain share samples fully
+    int8: bool = True  # fast mode: dynamically quantised linear layers on the CPU
 
 
 def pad(
@@ -76,6 +88,12 @@ class McDropoutEngine:
         self.config = config
         self.mode: McMode = config.mode if classifier.supports_mc else "off"
         self.thresholds = torch.as_tensor(classifier.thresholds, dtype=torch.float64)
+        on_cpu = classifier.device.type == "cpu"
+        if on_cpu and config.fast_dropout and self.mode != "off":
+            install_fast_dropout(classifier.model)
+        self.sampling_model: nn.Module = classifier.model
+        if on_cpu and self.mode == "fast" and config.int8:
+            self.sampling_model = int8_copy(classifier.model)
 
     @property
     def n_samples(self) -> int:
@@ -91,29 +109,32 @@ class McDropoutEngine:
         with torch.inference_mode():
             if self.mode == "off":
                 set_mc_dropout(self.classifier.model, False)
-                self._sample(token_ids, list(range(len(token_ids))), 1, acc)
+                self._sample(self.classifier.model, token_ids, list(range(len(token_ids))), 1, acc)
             else:
-                set_mc_dropout(self.classifier.model, True)
+                model = self.sampling_model
+                set_mc_dropout(model, True)
                 try:
                     if self.mode == "full":
-                        self._sample(token_ids, list(range(len(token_ids))), self.n_samples, acc)
+                        rows = list(range(len(token_ids)))
+                        self._sample(model, token_ids, rows, self.n_samples, acc)
                     else:
-                        self._adaptive(token_ids, acc)
+                        self._adaptive(model, token_ids, acc)
                 finally:
-                    self.classifier.model.eval()
+                    model.eval()
         return acc.summary()
 
-    def _adaptive(self, token_ids: list[list[int]], acc: McAccumulator) -> None:
+    def _adaptive(self, model: nn.Module, token_ids: list[list[int]], acc: McAccumulator) -> None:
         n, first = self.n_samples, min(self.config.first_samples, self.n_samples)
         active = list(range(len(token_ids)))
-        self._sample(token_ids, active, first, acc)
+        self._sample(model, token_ids, active, first, acc)
+        watched = set(self.most_uncertain(acc, len(token_ids)))
         drawn = first
         while drawn < n and active:
             undecided = self.undecided(acc, active)
-            active = [i for i, u in zip(active, undecided, strict=True) if u]
+            active = [i for i, u in zip(active, undecided, strict=True) if u or i in watched]
             step = min(n - drawn, drawn)  # double the samples of undecided posts each round
             if active:
-                self._sample(token_ids, active, step, acc)
+                self._sample(model, token_ids, active, step, acc)
             drawn += step
 
     def undecided(self, acc: McAccumulator, rows: list[int]) -> list[bool]:
@@ -124,8 +145,21 @@ class McDropoutEngine:
         near = (mean - self.thresholds).abs() < self.config.z * se.clamp(min=1e-4)
         return near.any(dim=1).tolist()
 
+    def most_uncertain(self, acc: McAccumulator, n_posts: int) -> list[int]:
+        """The batch's top ``watch_top_share`` posts by mutual information: review candidates."""
+        k = round(self.config.watch_top_share * n_posts)
+        if k <= 0:
+            return []
+        mi = torch.as_tensor(acc.summary().mutual_information)
+        return torch.topk(mi, min(k, n_posts)).indices.tolist()
+
     def _sample(
-        self, token_ids: list[list[int]], rows: list[int], n: int, acc: McAccumulator
+        self,
+        model: nn.Module,
+        token_ids: list[list[int]],
+        rows: list[int],
+        n: int,
+        acc: McAccumulator,
     ) -> None:
         """Draw ``n`` samples for each post in ``rows`` into ``acc``."""
         budget = self.config.max_tokens_per_forward
@@ -140,6 +174,24 @@ class McDropoutEngine:
             remaining = n
             while remaining > 0:
                 k = min(per_forward, remaining)
-                probs = self.classifier.probabilities(ids.repeat(k, 1), mask.repeat(k, 1))
+                probs = self.classifier.adapter.probabilities(
+                    model, ids.repeat(k, 1), mask.repeat(k, 1)
+                )
                 acc.add(index.repeat(k), probs)
                 remaining -= k
+
+
+_INT8_COPIES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def int8_copy(model: nn.Module) -> nn.Module:
+    """The model with its linear layers dynamically quantised to int8 (one copy per model)."""
+    if model not in _INT8_COPIES:
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():  # deprecated in favour of torchao, still in torch 2.x
+            warnings.simplefilter("ignore")
+            _INT8_COPIES[model] = quantize_dynamic(
+                copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8
+            )
+    return _INT8_COPIES[model]

@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.conn import collect_hosts, create_conn
+from aiokafka.errors import KafkaError
 from aiokafka.helpers import create_ssl_context
 
+from worker.kafka.delivery import is_auth_error
 from worker.settings import KafkaSettings
+
+
+class _BootstrapErrorsAsWarnings(logging.Filter):
+    """aiokafka logs every failed bootstrap connection at ERROR, then raises; the worker retries
+    those itself (and logs one warning per attempt), or stops with one clear error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and str(record.msg).startswith("Unable connect to"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+_AIOKAFKA_LOG = logging.getLogger("aiokafka")
+if not any(isinstance(f, _BootstrapErrorsAsWarnings) for f in _AIOKAFKA_LOG.filters):
+    _AIOKAFKA_LOG.addFilter(_BootstrapErrorsAsWarnings())
 
 
 def connection_kwargs(kafka: KafkaSettings) -> dict[str, Any]:
@@ -77,3 +98,37 @@ def build_producer(
         kwargs["transactional_id"] = transactional_id
         kwargs["transaction_timeout_ms"] = transaction_timeout_ms
     return AIOKafkaProducer(**(kwargs | overrides))
+
+
+async def probe_credentials(kafka: KafkaSettings, timeout_s: float = 10.0) -> BaseException | None:
+    """Connect once to each bootstrap server and log in; the first login error, else None.
+
+    aiokafka's ``start()`` reports a rejected SASL login as ``KafkaConnectionError("Unable to
+    bootstrap ...")``, like an unreachable host; this finds out which it was. Connection errors
+    (host down, refused) are not login errors and give None.
+    """
+    kwargs = connection_kwargs(kafka)
+    for host, port, _ in collect_hosts(kafka.bootstrap_servers):
+        try:
+            conn = await asyncio.wait_for(
+                create_conn(
+                    host,
+                    port,
+                    client_id=kafka.client_id,
+                    request_timeout_ms=kafka.request_timeout_ms,
+                    ssl_context=kwargs.get("ssl_context"),
+                    security_protocol=kafka.security_protocol,
+                    sasl_mechanism=kwargs.get("sasl_mechanism") or "PLAIN",
+                    sasl_plain_username=kwargs.get("sasl_plain_username"),
+                    sasl_plain_password=kwargs.get("sasl_plain_password"),
+                ),
+                timeout_s,
+            )
+        except (KafkaError, OSError, TimeoutError) as exc:
+            if is_auth_error(exc):
+                return exc
+            continue
+        with contextlib.suppress(Exception):
+            conn.close()
+        return None  # logged in: whatever failed was not the credentials
+    return None

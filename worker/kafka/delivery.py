@@ -4,6 +4,10 @@ aiokafka already retries inside one request timeout; a broker restart or a leade
 longer. ``Publisher.confirm`` re-sends what failed with backoff until ``delivery_timeout_s`` has
 passed, then raises ``DeliveryFailed``: the worker stops consuming rather than committing past a
 result it could not publish.
+
+The deadline is enforced here, not left to aiokafka: an idempotent producer (ours) retries a
+retriable error such as NOT_ENOUGH_REPLICAS forever, so its delivery futures may never resolve,
+and ``send`` waits up to ``request_timeout_ms`` for the metadata of a missing topic, per record.
 """
 
 from __future__ import annotations
@@ -19,8 +23,13 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     AuthenticationFailedError,
     IllegalSaslStateError,
+    InvalidTopicError,
     KafkaError,
     MessageSizeTooLargeError,
+    ProducerFenced,
+    RecordListTooLargeError,
+    RecordTooLargeError,
+    SaslAuthenticationFailed,
     TopicAuthorizationFailedError,
     UnsupportedSaslMechanismError,
 )
@@ -29,8 +38,19 @@ log = structlog.get_logger(__name__)
 
 NOT_RETRIABLE: tuple[type[BaseException], ...] = (
     MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+    InvalidTopicError,
     TopicAuthorizationFailedError,
     AuthenticationFailedError,
+    SaslAuthenticationFailed,
+    ProducerFenced,
+)
+AUTH_ERRORS: tuple[type[BaseException], ...] = (
+    AuthenticationFailedError,
+    SaslAuthenticationFailed,
+    IllegalSaslStateError,
+    UnsupportedSaslMechanismError,
 )
 
 
@@ -42,6 +62,15 @@ class OutputRecord:
     kind: str  # "enriched", "review" or a dead-letter kind (for metrics)
 
 
+@dataclass
+class Sent:
+    """Records handed to the producer, their delivery futures, and when sending began."""
+
+    records: list[OutputRecord]
+    futures: list[asyncio.Future[Any]]
+    started: float  # time.monotonic()
+
+
 class DeliveryFailed(Exception):
     def __init__(self, topic: str, waited_s: float, cause: BaseException) -> None:
         super().__init__(f"{topic}: {type(cause).__name__}: {cause}")
@@ -49,12 +78,16 @@ class DeliveryFailed(Exception):
 
 
 def is_auth_error(exc: BaseException) -> bool:
-    auth_types = (AuthenticationFailedError, IllegalSaslStateError, UnsupportedSaslMechanismError)
+    """True when ``exc`` or its chain is a failed login (wrong credentials or mechanism).
+
+    aiokafka hides a SASL failure at start-up behind ``KafkaConnectionError("Unable to
+    bootstrap ...")``; ``worker.kafka.clients.probe_credentials`` recovers the real error.
+    """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, auth_types):
+        if isinstance(current, AUTH_ERRORS):
             return True
         text = str(current).lower()
         if "authentication" in text or "sasl" in text:
@@ -74,43 +107,63 @@ class Publisher:
         self.delivery_timeout_s = delivery_timeout_s
         self.on_retry = on_retry
 
-    async def send_all(self, records: list[OutputRecord]) -> list[asyncio.Future[Any]]:
-        """Hand every record to the producer; returns one delivery future per record."""
+    async def send_all(self, records: list[OutputRecord]) -> Sent:
+        """Hand every record to the producer, in order; one delivery future per record."""
+        started = time.monotonic()
+        return Sent(records, await self._send_each(records, started), started)
+
+    async def _send_each(
+        self, records: list[OutputRecord], started: float
+    ) -> list[asyncio.Future[Any]]:
         futures: list[asyncio.Future[Any]] = []
+        failed_topics: dict[str, BaseException] = {}  # a topic that failed fails the rest at once
         for record in records:
-            futures.append(await self._send(record))
+            error = failed_topics.get(record.topic)
+            if error is not None:
+                futures.append(_failed(error))
+                continue
+            remaining = started + self.delivery_timeout_s - time.monotonic()
+            try:
+                future = await asyncio.wait_for(
+                    self.producer.send(record.topic, record.value, key=record.key),
+                    max(0.1, remaining),
+                )
+            except (KafkaError, TimeoutError) as exc:  # e.g. no metadata for the topic
+                if isinstance(exc, TimeoutError):
+                    exc = TimeoutError(f"no metadata or buffer space within {remaining:.0f}s")
+                failed_topics[record.topic] = exc
+                future = _failed(exc)
+            futures.append(future)
         return futures
 
-    async def _send(self, record: OutputRecord) -> asyncio.Future[Any]:
-        try:
-            return await self.producer.send(record.topic, record.value, key=record.key)
-        except KafkaError as exc:  # e.g. metadata not available yet: report through the future
-            failed: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            failed.set_exception(exc)
-            return failed
+    async def confirm(self, sent: Sent, retry: bool = True) -> None:
+        """Wait for every acknowledgement, re-sending failures until the delivery timeout.
 
-    async def confirm(
-        self,
-        records: list[OutputRecord],
-        futures: list[asyncio.Future[Any]],
-        retry: bool = True,
-    ) -> None:
-        """Wait for every acknowledgement, re-sending failures until the delivery timeout."""
-        started = time.monotonic()
+        Raises ``DeliveryFailed`` at once for an error that cannot heal (e.g. the record is
+        larger than the topic accepts), or with ``retry=False`` (transactions) for any error;
+        otherwise once ``delivery_timeout_s`` has passed since sending began.
+        """
+        deadline = sent.started + self.delivery_timeout_s
         delay = 0.2
-        pending = list(zip(records, futures, strict=True))
+        pending = list(zip(sent.records, sent.futures, strict=True))
         while pending:
-            results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
-            failed = [
-                (record, result)
-                for (record, _), result in zip(pending, results, strict=True)
-                if isinstance(result, BaseException)
-            ]
+            await asyncio.wait(
+                [f for _, f in pending], timeout=max(0.0, deadline - time.monotonic())
+            )
+            waited = time.monotonic() - sent.started
+            unanswered = [record for record, f in pending if not f.done()]
+            if unanswered:  # the producer is still retrying internally (it never gives up)
+                raise DeliveryFailed(
+                    unanswered[0].topic,
+                    waited,
+                    TimeoutError(f"{len(unanswered)} record(s) unacknowledged"),
+                )
+            failed = [(record, _error(f)) for record, f in pending if _error(f) is not None]
             if not failed:
                 return
             record, error = failed[0]
-            waited = time.monotonic() - started
-            if not retry or isinstance(error, NOT_RETRIABLE) or waited > self.delivery_timeout_s:
+            assert error is not None
+            if not retry or isinstance(error, NOT_RETRIABLE) or waited >= self.delivery_timeout_s:
                 raise DeliveryFailed(record.topic, waited, error)
             log.warning(
                 "publish failed; retrying",
@@ -119,10 +172,22 @@ class Publisher:
                 error=f"{type(error).__name__}: {error}",
                 retry_in_s=round(delay, 2),
             )
-            await asyncio.sleep(delay)
+            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
             delay = min(delay * 2, 5.0)
-            pending = []
-            for record, _ in failed:
-                if self.on_retry is not None:
+            if self.on_retry is not None:
+                for _ in failed:
                     self.on_retry()
-                pending.append((record, await self._send(record)))
+            again = [record for record, _ in failed]
+            pending = list(zip(again, await self._send_each(again, sent.started), strict=True))
+
+
+def _failed(exc: BaseException) -> asyncio.Future[Any]:
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_exception(exc)
+    return future
+
+
+def _error(future: asyncio.Future[Any]) -> BaseException | None:
+    if future.cancelled():
+        return asyncio.CancelledError("delivery cancelled")
+    return future.exception()

@@ -73,6 +73,7 @@ def export_bundle(
         if not hasattr(model, "peft_config"):
             raise ValueError("a LoRA bundle needs a model trained with --lora-rank > 0")
         model.save_pretrained(str(folder))  # type: ignore[operator]
+        _tidy_peft_files(folder, base_reference(base_model))
     elif kind == "delta":
         base = AutoModelForSequenceClassification.from_pretrained(
             base_model,
@@ -95,9 +96,22 @@ def export_bundle(
     )
     (folder / BUNDLE_FILE).write_text(manifest.to_json(), encoding="utf-8")
     (folder / "CARD.md").write_text(card, encoding="utf-8")
+    for path in folder.iterdir():  # safetensors writes 0600: images run as another user
+        if path.is_file():
+            path.chmod(0o644)
     stored["bytes"] = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     return stored
 
 
 def metrics_json(metrics: dict[str, Any]) -> str:
     return json.dumps(metrics, indent=2, sort_keys=True, default=float)
+
+
+def _tidy_peft_files(folder: Path, base: dict[str, str]) -> None:
+    """peft writes a template README and this machine's base path; the bundle has its own card
+    and names its base in emoworker-bundle.json."""
+    (folder / "README.md").unlink(missing_ok=True)
+    config_path = folder / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = base.get("package") or base.get("hub") or "base"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -33,20 +33,21 @@ from worker.training.metrics import binarize, macro_f1, split_half_macro_f1, tun
 @dataclass
 class TrainConfig:
     base_model: str = ""
-    epochs: float = 5.0
+    epochs: float = 4.0
     batch_size: int = 32
-    learning_rate: float = 8e-5
+    learning_rate: float = 5e-4
     head_learning_rate: float = 1e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     max_length: int = 128
     pos_weight: str = "log"  # "log" (EmCoder-style), "sqrt", or "none"
-    lora_rank: int = 0  # 0: full fine-tune; >0: LoRA adapters of that rank on every linear layer
+    lora_rank: int = 32  # 0: full fine-tune; >0: LoRA adapters of that rank on every linear layer
     lora_alpha: int = 0  # 0: same as the rank
     lora_dropout: float = 0.0
     freeze_embeddings: bool = False  # keep the word embeddings fixed (smaller delta bundles)
     ema_decay: float = 0.0  # 0: off
-    eval_every: int = 0  # optimiser steps between dev evaluations; 0: once per epoch
+    eval_every: int = 0  # optimiser steps between dev evaluations; 0: evals_per_epoch
+    evals_per_epoch: int = 2
     patience: int = 4  # evaluations without improvement before stopping
     max_train_posts: int = 0  # 0: all (a smaller number is for smoke runs)
     max_steps: int = 0  # 0: no limit (for smoke runs)
@@ -302,7 +303,7 @@ def train(
     total_steps = max(1, int(steps_per_epoch * config.epochs))
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    eval_every = config.eval_every or steps_per_epoch
+    eval_every = config.eval_every or max(1, steps_per_epoch // config.evals_per_epoch)
     warmup = int(total_steps * config.warmup_ratio)
 
     optimiser = torch.optim.AdamW(parameter_groups(model, config))

@@ -1,0 +1,73 @@
+"""The CPU dropout masks: right keep rate, unbiased, seeded, and the same MC statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from texts import EXAMPLE_TEXTS
+from torch import nn
+
+from worker.inference.engine import EngineConfig, McDropoutEngine
+from worker.inference.fast_dropout import FastDropout, fast_dropout, install_fast_dropout, keep_mask
+from worker.inference.loading import load_classifier
+from worker.settings import ModelSettings
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5])
+def test_keep_rate_is_one_minus_p(p: float) -> None:
+    torch.manual_seed(0)
+    n = 1_000_003  # not a multiple of four: the last word is cut
+    kept = keep_mask((n,), p, torch.device("cpu")).double().mean().item()
+    standard_error = (p * (1 - p) / n) ** 0.5
+    assert abs(kept - (1 - p)) < 5 * standard_error
+
+
+def test_dropout_is_unbiased_and_zeroes_the_rest() -> None:
+    torch.manual_seed(1)
+    x = torch.full((2000, 384), 2.0)
+    y = fast_dropout(x, 0.1)
+    zeros = (y == 0).double().mean().item()
+    assert abs(zeros - 0.1) < 0.003
+    assert torch.allclose(y[y != 0], torch.tensor(2.0 / (1 - 6554 / 65536)))
+    assert abs(y.mean().item() - 2.0) < 0.01
+
+
+def test_seeded_and_fresh_each_call() -> None:
+    x = torch.ones(64, 64)
+    torch.manual_seed(7)
+    a, b = fast_dropout(x, 0.1), fast_dropout(x, 0.1)
+    torch.manual_seed(7)
+    c = fast_dropout(x, 0.1)
+    assert torch.equal(a, c)
+    assert not torch.equal(a, b)
+
+
+def test_module_keeps_its_type_and_eval_is_identity() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.3))
+    install_fast_dropout(model)
+    assert isinstance(model[1], nn.Dropout) and type(model[1]) is FastDropout
+    model.eval()
+    x = torch.randn(3, 4)
+    assert torch.equal(model(x), model[0](x))
+
+
+def test_mc_statistics_match_pytorch_dropout(test_model_dir) -> None:
+    """Same model, same posts, N = 64: PyTorch's dropout and the fast masks agree within MC
+    noise on every post's mean and on the average spread."""
+    texts = EXAMPLE_TEXTS
+    reference = load_classifier(ModelSettings(path=str(test_model_dir), device="cpu"))
+    fast = load_classifier(ModelSettings(path=str(test_model_dir), device="cpu"))
+    slow_engine = McDropoutEngine(reference, EngineConfig(n_samples=64, seed=3, fast_dropout=False))
+    fast_engine = McDropoutEngine(fast, EngineConfig(n_samples=64, seed=4))
+    assert type(next(m for m in fast.model.modules() if isinstance(m, nn.Dropout))) is FastDropout
+    assert fast.model.config._attn_implementation == "emoworker_mc"
+    a = slow_engine.predict(reference.tokenize(texts))
+    b = fast_engine.predict(fast.tokenize(texts))
+    # standard error of a difference of two 64-sample means: sqrt(2) * std / 8
+    bound = 5 * np.sqrt(2) * np.maximum(a.std, b.std) / 8 + 1e-4
+    assert (np.abs(a.mean - b.mean) <= bound).mean() > 0.99
+    ratio = b.std.mean() / a.std.mean()
+    assert 0.9 < ratio < 1.1, ratio

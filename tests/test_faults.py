@@ -1,0 +1,508 @@
+"""Faults that must neither lose posts nor crash the worker: the quick cases (``make test``).
+
+Hostile input end to end, output topics that reject or never acknowledge what the worker
+publishes, and a cluster that is down when the worker starts. The long cases (kills, scaling,
+broker restarts, slow inference, overload) are in ``test_chaos.py`` (``make chaos``).
+
+Also shared helpers for ``test_chaos.py`` and ``test_security.py``: ``own_broker`` (a broker of
+the test's own, e.g. to restart it or to start it late), ``OutputWatcher`` (follows the output
+topics in the background) and ``free_port``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import os
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.errors import RecordTooLargeError
+from aiokafka.structs import ConsumerRecord
+from conftest import Topics, WorkerProcess, make_topics, running
+from kafka_cluster import KafkaCluster
+from streams import committed_and_end, post_bytes, produce, read_all, values
+
+from schemas import DeadLetter
+from worker.kafka.admin import ensure_topics
+from worker.kafka.local_broker import LocalKafka, default_cache_dir
+from worker.pipeline import EXIT_DELIVERY, Pipeline
+
+pytestmark = pytest.mark.kafka
+
+MB = 1024 * 1024
+
+
+# ── helpers (also used by test_chaos.py and test_security.py) ───────────────────────────────
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def can_run_local_broker() -> bool:
+    if shutil.which("java") is None:
+        return False
+    cached = (default_cache_dir() / "kafka-4.1.1" / ".complete").is_file()
+    return cached or shutil.which("mvn") is not None
+
+
+@contextlib.contextmanager
+def own_broker(**kwargs: Any) -> Iterator[LocalKafka]:
+    """A LocalKafka of this test alone (``kwargs`` go to LocalKafka, e.g. ``port``, ``sasl``,
+    ``extra_properties``); started, and stopped at the end."""
+    if not can_run_local_broker():
+        pytest.skip("needs java (and mvn, or cached Kafka jars) for a broker of its own")
+    broker = LocalKafka(**kwargs)
+    try:
+        yield broker.start()
+    finally:
+        broker.stop()
+
+
+async def create_topic(
+    client: dict[str, Any], name: str, partitions: int, **configs: str | int
+) -> None:
+    """Create one topic with topic-level configs (e.g. ``max.message.bytes``)."""
+    await ensure_topics(client, [name], partitions, configs={k: str(v) for k, v in configs.items()})
+
+
+def http_get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def log_events(text: str) -> list[dict[str, Any]]:
+    """The JSON lines of a worker log (other lines, e.g. a traceback, are skipped)."""
+    events = []
+    for line in text.splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict):
+                events.append(event)
+    return events
+
+
+class OutputWatcher:
+    """Follows the enriched and dead-letter topics from the start, in the background.
+
+    ``ids`` counts enriched post ids (duplicates show as counts > 1), ``letters`` keeps the
+    dead letters, ``sources`` the (partition, offset) of the input of every output, and
+    ``arrivals`` the monotonic time of each record, for recovery times.
+    """
+
+    def __init__(
+        self, client: dict[str, Any], topics: Topics, isolation_level: str = "read_uncommitted"
+    ) -> None:
+        self.client, self.topics, self.isolation_level = client, topics, isolation_level
+        self.ids: collections.Counter[str] = collections.Counter()
+        self.letters: list[dict[str, Any]] = []
+        self.sources: set[tuple[int, int]] = set()
+        self.arrivals: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.ids.values()) + len(self.letters)
+
+    def duplicates(self) -> int:
+        return sum(c - 1 for c in self.ids.values())
+
+    def last_arrival(self) -> float:
+        return self.arrivals[-1] if self.arrivals else 0.0
+
+    def first_arrival_after(self, moment: float) -> float | None:
+        return next((t for t in self.arrivals if t > moment), None)
+
+    async def __aenter__(self) -> OutputWatcher:
+        self._task = asyncio.create_task(self._follow())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _follow(self) -> None:
+        consumer = AIOKafkaConsumer(
+            self.topics.enriched,
+            self.topics.dead_letter,
+            **self.client,
+            auto_offset_reset="earliest",
+            enable_auto_commit=False,
+            isolation_level=self.isolation_level,
+        )
+        await consumer.start()
+        try:
+            while True:
+                batches = await consumer.getmany(timeout_ms=500)
+                for tp, records in batches.items():
+                    for record in records:
+                        self._add(tp, record)
+        finally:
+            await consumer.stop()
+
+    def _add(self, tp: TopicPartition, record: ConsumerRecord[bytes, bytes]) -> None:
+        self.arrivals.append(time.monotonic())
+        doc = orjson.loads(record.value) if record.value is not None else {}
+        if doc.get("source"):
+            self.sources.add((doc["source"]["partition"], doc["source"]["offset"]))
+        if tp.topic == self.topics.enriched:
+            self.ids[doc["id"]] += 1
+        else:
+            self.letters.append(doc)
+
+    async def wait_for(self, total: int, timeout_s: float, worker: Any = None) -> None:
+        """Until ``total`` outputs arrived; fails early when ``worker`` (a WorkerProcess)
+        exits."""
+        deadline = time.monotonic() + timeout_s
+        while self.total < total:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.total} outputs after {timeout_s}s, expected {total}")
+            if worker is not None and worker.proc.poll() is not None:
+                tail = worker.log_text()[-3000:]
+                raise AssertionError(f"worker exited ({worker.proc.returncode}):\n{tail}")
+            assert self._task is not None and not self._task.done(), self._task
+            await asyncio.sleep(0.2)
+
+    async def settle(self, quiet_s: float = 3.0) -> None:
+        """Until nothing new arrived for ``quiet_s`` seconds."""
+        count, since = self.total, time.monotonic()
+        while time.monotonic() - since < quiet_s:
+            await asyncio.sleep(0.2)
+            if self.total != count:
+                count, since = self.total, time.monotonic()
+
+    def summary(self, expected_ids: set[str]) -> dict[str, int]:
+        return {
+            "in": len(expected_ids),
+            "enriched": sum(self.ids.values()),
+            "unique": len(set(self.ids) & expected_ids),
+            "duplicates": self.duplicates(),
+            "dead_lettered": len(self.letters),
+            "lost": len(expected_ids - set(self.ids)),
+        }
+
+
+# ── hostile input ───────────────────────────────────────────────────────────────────────────
+
+
+class _RawHeaderKey(str):
+    """A header key that aiokafka's (pure Python) record builder writes as arbitrary bytes:
+    real producers (librdkafka, hand-made clients) can send header keys that are not UTF-8."""
+
+    raw: bytes
+
+    def __new__(cls, raw: bytes) -> _RawHeaderKey:
+        key = super().__new__(cls, raw.decode("latin-1"))
+        key.raw = raw
+        return key
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return self.raw
+
+
+async def produce_with_raw_header_key(
+    bootstrap: str, topic: str, key: bytes, value: bytes, header_key: bytes
+) -> None:
+    """One record (in a record batch of its own) whose header key is ``header_key`` bytes."""
+    import aiokafka.producer.message_accumulator as accumulator
+    import aiokafka.producer.producer as producer_module
+    from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+
+    saved = accumulator.DefaultRecordBatchBuilder, producer_module.DefaultRecordBatchBuilder
+    accumulator.DefaultRecordBatchBuilder = _DefaultRecordBatchBuilderPy  # type: ignore[misc]
+    producer_module.DefaultRecordBatchBuilder = _DefaultRecordBatchBuilderPy  # type: ignore[misc]
+    try:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            headers = [(_RawHeaderKey(header_key), os.urandom(16))]
+            await (await producer.send(topic, value, key=key, headers=headers))
+        finally:
+            await producer.stop()
+    finally:
+        accumulator.DefaultRecordBatchBuilder, producer_module.DefaultRecordBatchBuilder = saved
+
+
+async def test_hostile_input_end_to_end(
+    kafka: KafkaCluster, topics: Topics, make_settings, test_classifier
+) -> None:
+    """The kinds test_pipeline_kafka's bad-input test does not cover, through a real broker:
+    a 10 MB message, garbage headers, duplicated ids and unusual but valid texts."""
+    bootstrap = kafka.bootstrap_servers
+    await create_topic(kafka.client_config(), topics.input, 1, **{"max.message.bytes": 12 * MB})
+    await make_topics(kafka, topics, partitions=1)
+    huge_text = ("all work and no play " * (10 * MB // 21 + 1))[: 10 * MB]
+    valid: list[tuple[str, str]] = [  # (what, text): each must come out enriched
+        ("emoji only", "😀😂🔥💯🙏"),
+        ("control characters", "tab\there\x07bell\x1bescape \x00nul and text"),
+        ("right-to-left override", "abc\u202edcba\u202c is it reversed?"),
+        ("mixed scripts", "Hello Привет مرحبا 你好 こんにちは שלום नमस्ते"),
+        ("combining marks", "Z̷̢̛a̶̡͝l̸̨̛g̵̢̛o̴̢͝ text"),
+    ]
+    messages: list[tuple[bytes | None, bytes | None]] = [post_bytes(0)]
+    for i, (_, text) in enumerate(valid, 1):
+        messages.append((f"v{i}".encode(), orjson.dumps({"id": f"valid-{i}", "text": text})))
+    messages.append((b"dup", orjson.dumps({"id": "dup-1", "text": "first copy"})))
+    messages.append((b"dup", orjson.dumps({"id": "dup-1", "text": "second copy, other text"})))
+    messages.append((b"zw", orjson.dumps({"id": "zw-1", "text": "\u200b\u200c\u200d\ufeff\u2060"})))
+    await produce(bootstrap, topics.input, messages)
+    # 10 MB: more than the worker's max_message_bytes (1 MiB) and its max_partition_fetch_bytes
+    big = orjson.dumps({"id": "big-1", "text": huge_text})
+    await produce(bootstrap, topics.input, [(b"big", big)], max_request_size=12 * MB)
+    # garbage headers: random bytes as values and odd (valid UTF-8) keys are ignored...
+    headers = [("\x00\ufffd🔥", os.urandom(64)), ("", b""), ("k" * 300, None), ("x", os.urandom(1))]
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    try:
+        for i in range(3):
+            key, value = post_bytes(100 + i)
+            await (await producer.send(topics.input, value, key=key, headers=headers))
+    finally:
+        await producer.stop()
+    # ... a header key that is not UTF-8 makes the record unreadable to aiokafka
+    await produce_with_raw_header_key(
+        bootstrap, topics.input, b"badhdr", post_bytes(200)[1], b"\xff\xfe\xc3(" + os.urandom(8)
+    )
+    await produce(bootstrap, topics.input, [post_bytes(999)])  # the partition goes on after it
+    total = len(messages) + 1 + 3 + 1 + 1
+
+    settings = make_settings(model={"n_samples": 2})
+    expected_ids = {"post-0", "post-100", "post-101", "post-102", "post-999", "dup-1"}
+    expected_ids |= {f"valid-{i}" for i in range(1, len(valid) + 1)}
+    pipeline = Pipeline(settings, classifier=test_classifier)
+    async with running(pipeline) as task:
+        enriched = values(await read_all(bootstrap, topics.enriched, expect=len(expected_ids) + 1))
+        letters = values(await read_all(bootstrap, topics.dead_letter, expect=3))
+        await asyncio.sleep(1)
+        assert not task.done(), "the worker must survive hostile input"
+    assert await task == 0
+
+    ids = collections.Counter(e["id"] for e in enriched)
+    assert set(ids) == expected_ids
+    assert ids["dup-1"] == 2, "both messages with the same id are processed"
+    assert {e["post"]["text"] for e in enriched if e["id"] == "dup-1"} == {
+        "first copy",
+        "second copy, other text",
+    }
+    by_id = {e["id"]: e for e in enriched}
+    for i, (what, text) in enumerate(valid, 1):  # texts come back unchanged
+        assert by_id[f"valid-{i}"]["post"]["text"] == text, what
+    kinds = {letter["error"]["kind"]: letter for letter in letters}
+    assert sorted(kinds) == ["blank_text", "invalid_utf8", "message_too_large"], letters
+    for letter in letters:
+        DeadLetter.model_validate(letter)
+    too_large = kinds["message_too_large"]
+    assert too_large["payload"]["size_bytes"] == len(big)
+    assert too_large["payload"]["truncated"] is True
+    assert len(too_large["payload"]["data"]) <= settings.dead_letter_payload_bytes
+    unreadable = kinds["invalid_utf8"]
+    assert "cannot be parsed" in unreadable["error"]["message"]
+    assert unreadable["source"]["offset"] == total - 2  # the record with the bad header key
+    assert kinds["blank_text"]["source"]["offset"] == len(messages) - 1
+    committed, ends = await committed_and_end(bootstrap, topics.group_id, topics.input)
+    assert committed == ends == {0: total}
+
+
+async def test_record_larger_than_a_fetch_is_refetched_then_dead_lettered(
+    kafka: KafkaCluster, topics: Topics, make_settings, test_classifier, monkeypatch
+) -> None:
+    """aiokafka skips a record it got only part of and raises RecordTooLargeError (a broker
+    before 0.10.1, or a big record served after other partitions in one response). Kafka 4
+    always serves it whole when it comes first, so the fault is simulated: the record at
+    offset 5 never fits. The worker must not crash, nor lose it silently."""
+    await make_topics(kafka, topics, partitions=1)
+    await produce(kafka.bootstrap_servers, topics.input, [post_bytes(i) for i in range(20)])
+    real_getmany = AIOKafkaConsumer.getmany
+    raised: list[int] = []
+
+    async def getmany(self: AIOKafkaConsumer, *partitions: Any, **kw: Any) -> Any:
+        if getattr(self, "_skipped", None) is not None:  # like aiokafka: raise, position moved on
+            tp, self._skipped = self._skipped, None
+            raised.append(5)
+            raise RecordTooLargeError("record at %s=%s too large for %s", tp, 5, 1024)
+        result = await real_getmany(self, *partitions, **kw)
+        for tp, records in list(result.items()):
+            if tp.topic == topics.input and any(r.offset == 5 for r in records):
+                result[tp] = [r for r in records if r.offset < 5]
+                self.seek(tp, 6)
+                self._skipped = tp
+        return result
+
+    monkeypatch.setattr(AIOKafkaConsumer, "getmany", getmany)
+    pipeline = Pipeline(make_settings(model={"n_samples": 2}), classifier=test_classifier)
+    async with running(pipeline) as task:
+        letters = values(await read_all(kafka.bootstrap_servers, topics.dead_letter, expect=1))
+        enriched = values(await read_all(kafka.bootstrap_servers, topics.enriched, expect=19))
+        await asyncio.sleep(1)
+        assert not task.done()
+    assert await task == 0
+    assert len(raised) == 4, "three fetches again, then a dead letter"
+    assert {e["id"] for e in enriched} == {f"post-{i}" for i in range(20) if i != 5}
+    assert [(d["error"]["kind"], d["source"]["offset"]) for d in letters] == [
+        ("message_too_large", 5)
+    ]
+    assert "MAX_PARTITION_FETCH_BYTES" in letters[0]["error"]["message"]
+    committed, ends = await committed_and_end(
+        kafka.bootstrap_servers, topics.group_id, topics.input
+    )
+    assert committed == ends == {0: 20}
+
+
+# ── produce errors on an output topic ───────────────────────────────────────────────────────
+
+
+async def test_output_topic_rejecting_events_stops_the_worker_with_code_3(
+    kafka: KafkaCluster, topics: Topics, make_settings, tmp_path: Path
+) -> None:
+    """A non-retriable produce error (the enriched topic's max.message.bytes is smaller than
+    an event): no retries, no commit past the unpublished posts, exit code 3, one clear error."""
+    await create_topic(kafka.client_config(), topics.enriched, 2, **{"max.message.bytes": 1000})
+    await make_topics(kafka, topics, partitions=2)
+    await produce(kafka.bootstrap_servers, topics.input, [post_bytes(i) for i in range(100)])
+    settings = make_settings(model={"n_samples": 2}, kafka={"delivery_timeout_s": 5})
+    worker = WorkerProcess(settings, tmp_path / "worker.log", name="too-large")
+    try:
+        code = await asyncio.to_thread(worker.wait, 150)
+    finally:
+        if worker.proc.poll() is None:
+            worker.kill()
+    log = worker.log_text()
+    assert code == EXIT_DELIVERY, log
+    errors = [e for e in log_events(log) if e.get("level") in ("error", "critical")]
+    assert len(errors) == 1, errors
+    reason = errors[0]["reason"]
+    assert topics.enriched in reason and "MessageSizeTooLargeError" in reason
+    assert "stopped consuming without committing past the unpublished messages" in reason
+    assert "Traceback" not in log
+    assert "publish failed; retrying" not in log, "a record too large cannot heal: no retries"
+    committed, _ = await committed_and_end(kafka.bootstrap_servers, topics.group_id, topics.input)
+    assert all(not c for c in committed.values()), committed  # no enriched event got out
+
+
+async def test_output_topic_deleted_stops_the_worker_without_committing_past_it(
+    topics: Topics, make_settings, test_classifier
+) -> None:
+    """The enriched topic is deleted mid-stream on a cluster that does not auto-create topics:
+    the worker retries, then stops with code 3; the committed offsets never pass a post whose
+    event was not acknowledged."""
+    with own_broker(extra_properties={"auto.create.topics.enable": "false"}) as broker:
+        client = broker.client_config()
+        cluster = KafkaCluster(broker.bootstrap_servers, "local", broker)
+        await make_topics(cluster, topics, partitions=2)
+        await produce(broker.bootstrap_servers, topics.input, [post_bytes(i) for i in range(60)])
+        settings = make_settings(
+            model={"n_samples": 2},
+            kafka={"bootstrap_servers": broker.bootstrap_servers, "delivery_timeout_s": 6},
+        )
+        pipeline = Pipeline(settings, classifier=test_classifier)
+        task = asyncio.create_task(pipeline.run())
+        async with OutputWatcher(client, topics) as out:
+            await out.wait_for(60, timeout_s=120)
+        admin = AIOKafkaAdminClient(**client)
+        await admin.start()
+        try:
+            await admin.delete_topics([topics.enriched])
+        finally:
+            await admin.close()
+        deleted = time.monotonic()
+        await produce(
+            broker.bootstrap_servers, topics.input, [post_bytes(i) for i in range(60, 120)]
+        )
+        code = await asyncio.wait_for(task, 120)
+        stopped_s = time.monotonic() - deleted
+        assert code == EXIT_DELIVERY, pipeline._fatal
+        assert topics.enriched in str(pipeline._fatal)
+        assert stopped_s < 6 + 30
+        acked = pipeline.metrics.registry.get_sample_value("emoworker_posts_enriched_total")
+        enriched_acked = int(acked or 0)
+        assert 60 <= enriched_acked < 120
+        committed, _ = await committed_and_end(
+            broker.bootstrap_servers, topics.group_id, topics.input
+        )
+        # every input is a valid post with one enriched event: committed <= acknowledged
+        assert sum(c or 0 for c in committed.values()) <= enriched_acked
+        assert sum(c or 0 for c in committed.values()) >= 60
+        print(
+            f"\nRESULT output topic deleted: 120 in, {enriched_acked} enriched, committed "
+            f"{sum(c or 0 for c in committed.values())}, exit {code} {stopped_s:.1f}s after the "
+            f"deletion: {pipeline._fatal}"
+        )
+
+
+# ── the cluster is down when the worker starts ──────────────────────────────────────────────
+
+
+async def test_broker_down_at_start_worker_waits_then_processes(
+    topics: Topics, make_settings, tmp_path: Path
+) -> None:
+    """No cluster at start: the worker keeps running (no crash loop), retries with growing
+    delays, reports not ready (/readyz 503, /healthz 200), and processes once Kafka appears."""
+    kafka_port, http_port = free_port(), free_port()
+    settings = make_settings(
+        model={"n_samples": 2},
+        kafka={"bootstrap_servers": f"127.0.0.1:{kafka_port}"},
+        http_host="127.0.0.1",
+        http_port=http_port,
+    )
+    worker = WorkerProcess(settings, tmp_path / "worker.log", name="early-bird")
+    try:
+        await worker.wait_for_log("Kafka not reachable yet", timeout_s=180)
+        await asyncio.sleep(6)  # a few retries
+        assert worker.proc.poll() is None, worker.log_text()
+        base = f"http://127.0.0.1:{http_port}"
+        status, body = await asyncio.to_thread(http_get, f"{base}/readyz")
+        assert status == 503 and b"connecting to Kafka" in body, body
+        assert (await asyncio.to_thread(http_get, f"{base}/healthz"))[0] == 200
+        retries = [
+            e["retry_in_s"]
+            for e in log_events(worker.log_text())
+            if e.get("event") == "Kafka not reachable yet; retrying"
+        ]
+        assert len(retries) >= 3 and retries == sorted(retries) and retries[-1] > retries[0]
+        with own_broker(port=kafka_port) as broker:
+            appeared = time.monotonic()
+            cluster = KafkaCluster(broker.bootstrap_servers, "local", broker)
+            await make_topics(cluster, topics, partitions=2)
+            await produce(
+                broker.bootstrap_servers, topics.input, [post_bytes(i) for i in range(100)]
+            )
+            async with OutputWatcher(broker.client_config(), topics) as out:
+                await out.wait_for(100, timeout_s=180, worker=worker)
+                await out.settle(2)
+            recovered_s = out.last_arrival() - appeared
+            assert set(out.ids) == {f"post-{i}" for i in range(100)}
+            assert (await asyncio.to_thread(http_get, f"{base}/readyz"))[0] == 200
+            worker.terminate()
+            assert await asyncio.to_thread(worker.wait, 60) == 0
+            print(f"\nRESULT broker down at start: 100 in, {out.summary(set(out.ids))}, "
+                  f"all out {recovered_s:.1f}s after the broker appeared")  # fmt: skip
+    finally:
+        if worker.proc.poll() is None:
+            worker.kill()
+    # (aiokafka may log a transient "Group Coordinator Request failed" of the fresh broker)
+    errors = [
+        e
+        for e in log_events(worker.log_text())
+        if e.get("level") == "error" and not e.get("logger", "").startswith("aiokafka")
+    ]
+    assert errors == [], errors

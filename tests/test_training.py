@@ -1,0 +1,148 @@
+"""Training, bundles, thresholds and evaluation metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+from worker.bundle import BundleManifest, default_bundle_path, read_thresholds, write_thresholds
+from worker.inference.loading import load_classifier
+from worker.settings import ModelSettings
+from worker.training.evaluation import predict_texts
+from worker.training.goemotions import GOEMOTIONS_LABELS, read_tsv
+from worker.training.metrics import (
+    binarize,
+    classification_report,
+    macro_f1,
+    split_half_macro_f1,
+    tune_thresholds,
+)
+from worker.training.report import per_post_f1, predicted_sets, risk_coverage, top_label_wrong
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data" / "goemotions"
+# Dev macro-F1 of the shipped bundle on the first 500 dev posts (MC mean, N = 10, the bundle's
+# thresholds): 0.552 with seed 0 and 0.543 with seed 1 when the bundle was committed (optimistic:
+# the thresholds were tuned on dev). The floor leaves room for MC noise (about 0.01) only.
+DEFAULT_BUNDLE_FLOOR = 0.52
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tiny_dataset(folder: Path, n_train: int = 48, n_dev: int = 32) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = (DATA / "train.tsv").read_text(encoding="utf-8").splitlines()
+    (folder / "train.tsv").write_text("\n".join(lines[:n_train]) + "\n", encoding="utf-8")
+    (folder / "dev.tsv").write_text("\n".join(lines[n_train : n_train + n_dev]) + "\n")
+    (folder / "labels.txt").write_text("\n".join(GOEMOTIONS_LABELS) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("weights", ["lora", "delta"])
+def test_smoke_training_writes_a_bundle_that_loads_offline_and_classifies(
+    tmp_path: Path, weights: str
+) -> None:
+    data = tiny_dataset(tmp_path / "data")
+    bundle = tmp_path / f"bundle-{weights}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    args = ["--lora-rank", "4"] if weights == "lora" else ["--lora-rank", "0"]
+    train = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "train", "--data", str(data), "--output", str(bundle),
+         "--max-steps", "3", "--batch-size", "8", "--n-samples", "2", "--weights", weights,
+         "--threads", "1", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    manifest = BundleManifest.read(bundle)
+    assert manifest.weights == weights
+    assert manifest.labels == list(GOEMOTIONS_LABELS)
+    assert "model.safetensors" not in {p.name for p in bundle.iterdir()}
+    assert sum(p.stat().st_size for p in bundle.iterdir()) < 15_000_000
+    assert (bundle / "CARD.md").read_text().startswith("# ")
+    posts = tmp_path / "posts.jsonl"
+    posts.write_text('{"id": "a", "text": "thank you so much!"}\n{"id": "b", "text": "ugh"}\n')
+    out = tmp_path / "out.jsonl"
+    classify = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "classify", "-i", str(posts), "-o", str(out),
+         "--model", str(bundle), "--n-samples", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert classify.returncode == 0, classify.stderr[-3000:]
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [e["id"] for e in events] == ["a", "b"]
+    thresholds = read_thresholds(bundle / "thresholds.json", list(GOEMOTIONS_LABELS))
+    assert [e["threshold"] for e in events[0]["emotions"]] == pytest.approx(thresholds, abs=1e-4)
+
+
+def test_thresholds_round_trip(tmp_path: Path) -> None:
+    names = ["a", "b", "c"]
+    values = np.array([0.12, 0.5, 0.87])
+    write_thresholds(tmp_path / "t.json", names, values)
+    assert read_thresholds(tmp_path / "t.json", names) == pytest.approx(values)
+
+
+TARGETS = np.array([[1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1], [1, 0, 1], [0, 1, 0]])
+PREDICTIONS = np.array([[1, 0, 1], [0, 1, 0], [1, 0, 0], [0, 1, 1], [1, 0, 1], [1, 1, 0]])
+
+
+def test_report_equals_scikit_learn_on_a_fixed_example() -> None:
+    report = classification_report(TARGETS, PREDICTIONS, ["a", "b", "c"])
+    for average in ("micro", "macro", "weighted", "samples"):
+        p, r, f, _ = precision_recall_fscore_support(TARGETS, PREDICTIONS, average=average)
+        assert report[average]["precision"] == pytest.approx(p)
+        assert report[average]["recall"] == pytest.approx(r)
+        assert report[average]["f1"] == pytest.approx(f)
+    per_label = f1_score(TARGETS, PREDICTIONS, average=None)
+    assert [report["labels"][n]["f1"] for n in "abc"] == pytest.approx(per_label)
+    assert [report["labels"][n]["support"] for n in "abc"] == [3, 3, 3]
+    assert macro_f1(TARGETS, PREDICTIONS) == pytest.approx(
+        f1_score(TARGETS, PREDICTIONS, average="macro")
+    )
+
+
+def test_threshold_tuning_maximises_each_labels_f1() -> None:
+    rng = np.random.default_rng(0)
+    targets = (rng.random((400, 3)) < [0.1, 0.3, 0.5]).astype(int)
+    probs = np.clip(targets * 0.3 + rng.random((400, 3)) * 0.7, 0, 1)
+    tuned = tune_thresholds(targets, probs)
+    for j in range(3):
+        best = max(f1_score(targets[:, j], probs[:, j] >= t) for t in np.arange(0.01, 1, 0.01))
+        assert f1_score(targets[:, j], probs[:, j] >= tuned[j]) == pytest.approx(best)
+    honest, half_b, half_a = split_half_macro_f1(targets, probs)
+    assert honest == pytest.approx((half_a + half_b) / 2)
+    assert honest <= macro_f1(targets, binarize(probs, tuned)) + 1e-9
+
+
+def test_risk_coverage_by_hand() -> None:
+    targets = np.array([[1, 0], [0, 1], [1, 1], [0, 1]])
+    probs = np.array([[0.9, 0.1], [0.8, 0.3], [0.6, 0.7], [0.2, 0.9]])
+    predictions = predicted_sets(probs, np.array([0.5, 0.5]))
+    f1 = per_post_f1(targets, predictions)
+    assert f1.tolist() == pytest.approx([1.0, 0.0, 1.0, 1.0])
+    wrong = top_label_wrong(targets, probs)
+    assert wrong.tolist() == [False, True, False, False]
+    result = risk_coverage("s", np.array([0.1, 0.9, 0.2, 0.3]), f1, wrong, rates=(0.25,))
+    assert result.aurc == pytest.approx(0.0625)  # kept risk 0, 0, 0, 1/4: mean 1/16
+    assert result.at_rates["25%"]["kept_post_f1"] == 1.0
+    assert result.at_rates["25%"]["error_ratio"] == pytest.approx(4.0)
+
+
+@pytest.mark.skipif(not (DATA / "dev.tsv").is_file(), reason="GoEmotions dev split not present")
+def test_default_bundle_loads_and_stays_above_its_floor() -> None:
+    bundle = default_bundle_path()
+    manifest = BundleManifest.read(bundle)
+    size = sum(p.stat().st_size for p in bundle.iterdir() if p.is_file())
+    assert size < 10_000_000, f"the default bundle is {size / 1e6:.1f} MB"
+    classifier = load_classifier(ModelSettings(path="default", device="cpu"))
+    assert classifier.label_names == list(GOEMOTIONS_LABELS) == manifest.labels
+    dev = read_tsv(DATA / "dev.tsv", len(GOEMOTIONS_LABELS)).subset(list(range(500)))
+    mc = predict_texts(classifier, dev.texts, n_samples=10, seed=0)
+    score = macro_f1(dev.targets, binarize(mc.mean, classifier.thresholds))
+    assert score >= DEFAULT_BUNDLE_FLOOR, score
