@@ -74,7 +74,8 @@ def test_mc_modules_are_the_dropouts_and_the_self_attentions(classifier: Classif
     assert [id(m) for m in chosen] == [id(m) for m in expected], "same modules, model order"
 
     names = {type(m).__name__ for m in chosen}
-    assert names == {"Dropout", "BertSelfAttention"}
+    # the fast CPU masks swap nn.Dropout for its subclass FastDropout once the engine has run
+    assert names in ({"Dropout", "BertSelfAttention"}, {"FastDropout", "BertSelfAttention"})
     n_layers = model.config.num_hidden_layers
     assert sum(type(m).__name__ == "BertSelfAttention" for m in chosen) == n_layers
     # embeddings + (attention probs, attention output, feed-forward output) per layer + head

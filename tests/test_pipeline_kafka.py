@@ -184,9 +184,9 @@ async def test_sigkill_mid_stream_then_restart_loses_nothing(
     kafka: KafkaCluster, topics: Topics, make_settings, tmp_path: Path
 ) -> None:
     await make_topics(kafka, topics, partitions=3)
-    n = 500
+    n = 2000  # enough that the kill lands mid-stream on a fast machine too
     await produce(kafka.bootstrap_servers, topics.input, [post_bytes(i) for i in range(n)])
-    settings = make_settings(model={"n_samples": 2})
+    settings = make_settings(model={"n_samples": 16}, batch_size=16)
     worker = WorkerProcess(settings, tmp_path / "worker1.log", name="w1")
     try:
         await _wait_enriched(kafka, topics.enriched, 100, timeout_s=180)

@@ -19,6 +19,18 @@ def _mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMa
     return event
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test runner may swap it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
 def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
     """Route structlog and the standard library (aiokafka, transformers) through one renderer."""
     json_output = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -40,7 +52,7 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
@@ -52,7 +64,13 @@ def configure_logging(fmt: str = "auto", level: str = "INFO") -> None:
         )
     )
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    # Replace our earlier handler and plain console handlers (basicConfig's); keep the others
+    # (files, a test runner's capture).
+    root.handlers[:] = [
+        h
+        for h in root.handlers
+        if not isinstance(h, _CurrentStderrHandler) and type(h) is not logging.StreamHandler
+    ] + [handler]
     root.setLevel(level)
     for noisy in ("aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
