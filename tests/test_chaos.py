@@ -11,7 +11,7 @@ the enriched or dead-letter output; duplicates are counted and bounded by the wo
 the fault: ``max_in_flight_batches * batch_size`` per worker involved) and exactly-once (zero
 duplicates and zero losses in the committed output, read with isolation_level=read_committed).
 
-Each test prints a ``RESULT`` line with its figures (run with ``-s`` to see them).
+Each test prints a ``RESULT`` line with its figures (straight to the terminal).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from conftest import Topics, WorkerProcess, make_topics, running
 from kafka_cluster import KafkaCluster
 from streams import committed_and_end, post_bytes, produce
-from test_faults import OutputWatcher, log_events, own_broker
+from test_faults import OutputWatcher, log_events, own_broker, report
 
 from worker.inference.uncertainty import McSummary
 from worker.pipeline import Pipeline
@@ -83,7 +83,7 @@ def check(mode: str, out: OutputWatcher, names: set[str], bound: int, label: str
     else:
         assert duplicates <= bound, f"{duplicates} duplicates > bound {bound}"
     return (
-        f"RESULT {label} [{mode}]: in {len(names)}, enriched {sum(out.ids.values())}, "
+        f"{label} [{mode}]: in {len(names)}, enriched {sum(out.ids.values())}, "
         f"dead-lettered {len(out.letters)}, duplicates {duplicates} (bound "
         f"{0 if mode == 'exactly_once' else bound}), lost 0"
     )
@@ -106,7 +106,7 @@ async def recovered(
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_sigkill_three_times_mid_batch(
-    kafka: KafkaCluster, topics: Topics, make_settings, tmp_path: Path, mode: str
+    kafka: KafkaCluster, topics: Topics, make_settings, tmp_path: Path, mode: str, capsys
 ) -> None:
     await make_topics(kafka, topics, partitions=3)
     n = 1500
@@ -145,7 +145,7 @@ async def test_sigkill_three_times_mid_batch(
         kafka.bootstrap_servers, topics.group_id, topics.input
     )
     assert committed == ends
-    print(f"\n{result}; recovery after each kill (s): {[round(r, 1) for r in recoveries]}")
+    report(capsys, f"{result}; recovery after each kill (s): {[round(r, 1) for r in recoveries]}")
 
 
 # ── scale 1 → 3 → 1 ─────────────────────────────────────────────────────────────────────────
@@ -153,7 +153,13 @@ async def test_sigkill_three_times_mid_batch(
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_group_scaled_one_three_one(
-    kafka: KafkaCluster, topics: Topics, make_settings, test_classifier, one_torch_thread, mode: str
+    kafka: KafkaCluster,
+    topics: Topics,
+    make_settings,
+    test_classifier,
+    one_torch_thread,
+    mode: str,
+    capsys,
 ) -> None:
     await make_topics(kafka, topics, partitions=6)
     n = 1500
@@ -184,7 +190,7 @@ async def test_group_scaled_one_three_one(
         kafka.bootstrap_servers, topics.group_id, topics.input
     )
     assert committed == ends
-    print(f"\n{result}")
+    report(capsys, result)
 
 
 # ── the broker restarted mid-stream ─────────────────────────────────────────────────────────
@@ -192,7 +198,7 @@ async def test_group_scaled_one_three_one(
 
 @pytest.mark.parametrize("mode", MODES)
 async def test_broker_killed_and_restarted_mid_stream(
-    topics: Topics, make_settings, tmp_path: Path, mode: str
+    topics: Topics, make_settings, tmp_path: Path, mode: str, capsys
 ) -> None:
     with own_broker() as broker:
         cluster = KafkaCluster(broker.bootstrap_servers, "local", broker)
@@ -233,9 +239,10 @@ async def test_broker_killed_and_restarted_mid_stream(
         errors = [e for e in log_events(log) if e.get("logger", "").startswith("worker")]
         errors = [e for e in errors if e.get("level") == "error"]
         assert errors == [], errors
-        print(
-            f"\n{result}; broker down {back - killed:.1f}s, worker publishing again "
-            f"{resumed:.1f}s after the broker was back"
+        report(
+            capsys,
+            f"{result}; broker down {back - killed:.1f}s, worker publishing again "
+            f"{resumed:.1f}s after the broker was back",
         )
 
 
@@ -252,7 +259,7 @@ class SlowProcessor(BatchProcessor):
 
 
 async def test_slow_inference_keeps_heartbeats_and_partitions(
-    kafka: KafkaCluster, topics: Topics, make_settings, test_classifier
+    kafka: KafkaCluster, topics: Topics, make_settings, test_classifier, capsys
 ) -> None:
     await make_topics(kafka, topics, partitions=2)
     n = 48
@@ -296,9 +303,10 @@ async def test_slow_inference_keeps_heartbeats_and_partitions(
     assert set(out.ids) == {f"post-{i}" for i in range(n)}
     assert out.duplicates() == 0
     assert took > 3 * 10, "three batches of 10 s each"
-    print(
-        f"\nRESULT slow inference (10 s/batch, session 6 s, max.poll.interval 8 s): in {n}, "
-        f"enriched {sum(out.ids.values())}, duplicates 0, revocations 0, took {took:.0f}s"
+    report(
+        capsys,
+        f"slow inference (10 s/batch, session 6 s, max.poll.interval 8 s): in {n}, "
+        f"enriched {sum(out.ids.values())}, duplicates 0, revocations 0, took {took:.0f}s",
     )
 
 
@@ -331,7 +339,7 @@ async def _feed(bootstrap: str, topic: str, start: int, rate: float, seconds: fl
 
 
 async def test_ten_times_the_sustainable_rate_for_minutes(
-    kafka: KafkaCluster, topics: Topics, make_settings, tmp_path: Path
+    kafka: KafkaCluster, topics: Topics, make_settings, tmp_path: Path, capsys
 ) -> None:
     """Lag grows, throughput stays at the sustainable rate, memory stays flat (fetching pauses
     while max_in_flight_batches are in flight), and nothing below the committed offsets is
@@ -390,9 +398,10 @@ async def test_ten_times_the_sustainable_rate_for_minutes(
     assert lag > fed / 2, f"lag {lag} should grow with an input 10x faster than the worker"
     assert 0.5 * sustainable <= throughput <= 1.5 * sustainable, (throughput, sustainable)
     assert peak_rss < baseline_rss + 200, (baseline_rss, peak_rss)
-    print(
-        f"\nRESULT overload: sustainable {sustainable:.0f} posts/s, fed {fed} posts at "
+    report(
+        capsys,
+        f"overload: sustainable {sustainable:.0f} posts/s, fed {fed} posts at "
         f"{rate:.0f}/s for {overload_s:.0f}s, throughput under overload {throughput:.0f} "
         f"posts/s, lag at the end {lag}, worker RSS {baseline_rss:.0f} MB before -> peak "
-        f"{peak_rss:.0f} MB, committed {processed} of {warm + fed}, lost 0"
+        f"{peak_rss:.0f} MB, committed {processed} of {warm + fed}, lost 0",
     )

@@ -22,6 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ from streams import committed_and_end, post_bytes, produce, read_all, values
 from schemas import DeadLetter
 from worker.kafka.admin import ensure_topics
 from worker.kafka.local_broker import LocalKafka, default_cache_dir
-from worker.pipeline import EXIT_DELIVERY, Pipeline
+from worker.pipeline import EXIT_DELIVERY, EXIT_MODEL, SYSTEMIC_FAILURES, Pipeline
+from worker.processing import BatchProcessor
 
 pytestmark = pytest.mark.kafka
 
@@ -87,6 +89,13 @@ def http_get(url: str) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+
+
+def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
+    """Print a ``RESULT`` line (the figures of a fault run) to the terminal, even while pytest
+    captures the output."""
+    with capsys.disabled():
+        print(f"\nRESULT {line}")
 
 
 def log_events(text: str) -> list[dict[str, Any]]:
@@ -191,15 +200,11 @@ class OutputWatcher:
             if self.total != count:
                 count, since = self.total, time.monotonic()
 
-    def summary(self, expected_ids: set[str]) -> dict[str, int]:
-        return {
-            "in": len(expected_ids),
-            "enriched": sum(self.ids.values()),
-            "unique": len(set(self.ids) & expected_ids),
-            "duplicates": self.duplicates(),
-            "dead_lettered": len(self.letters),
-            "lost": len(expected_ids - set(self.ids)),
-        }
+    def summary(self) -> str:
+        return (
+            f"{sum(self.ids.values())} enriched ({len(self.ids)} ids), {len(self.letters)} "
+            f"dead-lettered, {self.duplicates()} duplicates"
+        )
 
 
 # ── hostile input ───────────────────────────────────────────────────────────────────────────
@@ -244,7 +249,7 @@ async def produce_with_raw_header_key(
 
 
 async def test_hostile_input_end_to_end(
-    kafka: KafkaCluster, topics: Topics, make_settings, test_classifier
+    kafka: KafkaCluster, topics: Topics, make_settings, test_classifier, capsys
 ) -> None:
     """The kinds test_pipeline_kafka's bad-input test does not cover, through a real broker:
     a 10 MB message, garbage headers, duplicated ids and unusual but valid texts."""
@@ -321,6 +326,12 @@ async def test_hostile_input_end_to_end(
     assert kinds["blank_text"]["source"]["offset"] == len(messages) - 1
     committed, ends = await committed_and_end(bootstrap, topics.group_id, topics.input)
     assert committed == ends == {0: total}
+    report(
+        capsys,
+        f"hostile input: {total} in, {len(enriched)} enriched (dup-1 twice), "
+        f"{len(letters)} dead-lettered ({', '.join(sorted(kinds))}), committed {total}, "
+        "worker kept running",
+    )
 
 
 async def test_record_larger_than_a_fetch_is_refetched_then_dead_lettered(
@@ -368,11 +379,84 @@ async def test_record_larger_than_a_fetch_is_refetched_then_dead_lettered(
     assert committed == ends == {0: 20}
 
 
+# ── inference failing for some posts, or for all ─────────────────────────────────────────────
+
+
+class PoisonProcessor(BatchProcessor):
+    """Inference that fails for any batch holding a post whose text contains POISON."""
+
+    def process(self, posts, sources, token_ids=None, timing=None):  # type: ignore[no-untyped-def]
+        if any("POISON" in p.text for p in posts):
+            raise RuntimeError("the model cannot handle this post")
+        return super().process(posts, sources, token_ids, timing)
+
+
+class BrokenProcessor(BatchProcessor):
+    def process(self, posts, sources, token_ids=None, timing=None):  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+async def test_posts_that_fail_inference_are_dead_lettered_the_rest_enriched(
+    kafka: KafkaCluster, topics: Topics, make_settings, test_classifier, capsys
+) -> None:
+    """A batch that fails is retried post by post: only the posts that fail alone become
+    ``processing_error`` dead letters (with their offsets); their batch-mates are enriched."""
+    await make_topics(kafka, topics, partitions=1)
+    poisoned = {5, 17, 33}
+    n = 40
+    messages = [post_bytes(i, "POISON pill" if i in poisoned else None) for i in range(n)]
+    await produce(kafka.bootstrap_servers, topics.input, messages)
+    settings = make_settings(model={"n_samples": 2}, batch_size=16)
+    pipeline = Pipeline(settings, classifier=test_classifier, processor_factory=PoisonProcessor)
+    async with running(pipeline), OutputWatcher(kafka.client_config(), topics) as out:
+        await out.wait_for(n, timeout_s=120)
+        await out.settle(2)
+    assert set(out.ids) == {f"post-{i}" for i in range(n) if i not in poisoned}
+    assert out.duplicates() == 0
+    assert sorted(d["source"]["offset"] for d in out.letters) == sorted(poisoned)
+    for letter in out.letters:
+        DeadLetter.model_validate(letter)
+        assert letter["error"]["kind"] == "processing_error"
+        assert "RuntimeError: the model cannot handle this post" in letter["error"]["message"]
+        assert "POISON pill" in letter["payload"]["data"]
+    committed, ends = await committed_and_end(
+        kafka.bootstrap_servers, topics.group_id, topics.input
+    )
+    assert committed == ends == {0: n}
+    report(
+        capsys,
+        f"inference failing for 3 of {n} posts: {len(out.ids)} enriched, "
+        f"{len(out.letters)} dead-lettered (processing_error), committed {n}",
+    )
+
+
+async def test_a_model_failing_on_every_post_stops_the_worker_with_code_4(
+    kafka: KafkaCluster, topics: Topics, make_settings, test_classifier
+) -> None:
+    """Not a bad post but a broken model: after SYSTEMIC_FAILURES posts in a row fail alone,
+    the worker stops (exit 4) instead of dead-lettering the stream; nothing is committed past
+    the dead letters already published."""
+    await make_topics(kafka, topics, partitions=1)
+    n = 3 * SYSTEMIC_FAILURES
+    await produce(kafka.bootstrap_servers, topics.input, [post_bytes(i) for i in range(n)])
+    settings = make_settings(model={"n_samples": 2}, batch_size=16)
+    pipeline = Pipeline(settings, classifier=test_classifier, processor_factory=BrokenProcessor)
+    async with OutputWatcher(kafka.client_config(), topics) as out:
+        code = await asyncio.wait_for(pipeline.run(), 120)
+        await out.settle(2)
+    assert code == EXIT_MODEL
+    assert "CUDA error" in str(pipeline._fatal)
+    assert not out.ids
+    assert len(out.letters) < SYSTEMIC_FAILURES
+    committed, _ = await committed_and_end(kafka.bootstrap_servers, topics.group_id, topics.input)
+    assert (committed.get(0) or 0) <= len(out.letters)
+
+
 # ── produce errors on an output topic ───────────────────────────────────────────────────────
 
 
 async def test_output_topic_rejecting_events_stops_the_worker_with_code_3(
-    kafka: KafkaCluster, topics: Topics, make_settings, tmp_path: Path
+    kafka: KafkaCluster, topics: Topics, make_settings, tmp_path: Path, capsys
 ) -> None:
     """A non-retriable produce error (the enriched topic's max.message.bytes is smaller than
     an event): no retries, no commit past the unpublished posts, exit code 3, one clear error."""
@@ -393,14 +477,23 @@ async def test_output_topic_rejecting_events_stops_the_worker_with_code_3(
     reason = errors[0]["reason"]
     assert topics.enriched in reason and "MessageSizeTooLargeError" in reason
     assert "stopped consuming without committing past the unpublished messages" in reason
+    assert "(not retriable)" in reason
     assert "Traceback" not in log
     assert "publish failed; retrying" not in log, "a record too large cannot heal: no retries"
     committed, _ = await committed_and_end(kafka.bootstrap_servers, topics.group_id, topics.input)
     assert all(not c for c in committed.values()), committed  # no enriched event got out
+    events = log_events(log)
+    ready = next(e["timestamp"] for e in events if e.get("event") == "model ready")
+    took = datetime.fromisoformat(errors[0]["timestamp"]) - datetime.fromisoformat(ready)
+    report(
+        capsys,
+        f"output record too large: 100 in, 0 enriched, committed 0, exit {code} "
+        f"{took.total_seconds():.1f}s after the model was ready; error: {reason}",
+    )
 
 
 async def test_output_topic_deleted_stops_the_worker_without_committing_past_it(
-    topics: Topics, make_settings, test_classifier
+    topics: Topics, make_settings, test_classifier, capsys
 ) -> None:
     """The enriched topic is deleted mid-stream on a cluster that does not auto-create topics:
     the worker retries, then stops with code 3; the committed offsets never pass a post whose
@@ -432,6 +525,7 @@ async def test_output_topic_deleted_stops_the_worker_without_committing_past_it(
         stopped_s = time.monotonic() - deleted
         assert code == EXIT_DELIVERY, pipeline._fatal
         assert topics.enriched in str(pipeline._fatal)
+        assert "within 6s (kafka.delivery_timeout_s)" in str(pipeline._fatal)
         assert stopped_s < 6 + 30
         acked = pipeline.metrics.registry.get_sample_value("emoworker_posts_enriched_total")
         enriched_acked = int(acked or 0)
@@ -442,10 +536,11 @@ async def test_output_topic_deleted_stops_the_worker_without_committing_past_it(
         # every input is a valid post with one enriched event: committed <= acknowledged
         assert sum(c or 0 for c in committed.values()) <= enriched_acked
         assert sum(c or 0 for c in committed.values()) >= 60
-        print(
-            f"\nRESULT output topic deleted: 120 in, {enriched_acked} enriched, committed "
+        report(
+            capsys,
+            f"output topic deleted: 120 in, {enriched_acked} enriched, committed "
             f"{sum(c or 0 for c in committed.values())}, exit {code} {stopped_s:.1f}s after the "
-            f"deletion: {pipeline._fatal}"
+            f"deletion: {pipeline._fatal}",
         )
 
 
@@ -453,7 +548,7 @@ async def test_output_topic_deleted_stops_the_worker_without_committing_past_it(
 
 
 async def test_broker_down_at_start_worker_waits_then_processes(
-    topics: Topics, make_settings, tmp_path: Path
+    topics: Topics, make_settings, tmp_path: Path, capsys
 ) -> None:
     """No cluster at start: the worker keeps running (no crash loop), retries with growing
     delays, reports not ready (/readyz 503, /healthz 200), and processes once Kafka appears."""
@@ -494,7 +589,7 @@ async def test_broker_down_at_start_worker_waits_then_processes(
             assert (await asyncio.to_thread(http_get, f"{base}/readyz"))[0] == 200
             worker.terminate()
             assert await asyncio.to_thread(worker.wait, 60) == 0
-            print(f"\nRESULT broker down at start: 100 in, {out.summary(set(out.ids))}, "
+            report(capsys, f"broker down at start: 100 in, {out.summary()}, 0 lost, "
                   f"all out {recovered_s:.1f}s after the broker appeared")  # fmt: skip
     finally:
         if worker.proc.poll() is None:

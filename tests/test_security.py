@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 from conftest import Topics, WorkerProcess
 from streams import post_bytes
-from test_faults import OutputWatcher, free_port, http_get, log_events, own_broker
+from test_faults import OutputWatcher, free_port, http_get, log_events, own_broker, report
 
 from worker.kafka.admin import ensure_topics
 from worker.kafka.clients import connection_kwargs, probe_credentials
@@ -130,7 +130,7 @@ async def test_sasl_worker_logs_in_processes_and_never_shows_the_password(
 
 @pytest.mark.kafka
 async def test_wrong_password_is_one_clear_error_and_exit_code_2(
-    sasl_broker: LocalKafka, topics: Topics, make_settings, tmp_path: Path
+    sasl_broker: LocalKafka, topics: Topics, make_settings, tmp_path: Path, capsys
 ) -> None:
     """A rejected login is not retried: one error line, exit code 2, within seconds."""
     settings = make_settings(
@@ -159,7 +159,7 @@ async def test_wrong_password_is_one_clear_error_and_exit_code_2(
     assert len(connects) == 1, connects  # one login attempt (aiokafka's warning), no loop
     assert "Traceback" not in log
     assert WRONG_PASSWORD not in log and PASSWORD not in log
-    print(f"\nRESULT wrong SASL password: exit {code} {exited_s:.1f}s after the model was ready")
+    report(capsys, f"wrong SASL password: exit {code} {exited_s:.1f}s after the model was ready")
 
 
 @pytest.mark.kafka

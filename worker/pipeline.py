@@ -16,7 +16,19 @@ Delivery guarantees:
 * exactly-once (``exactly_once=true``): each batch's outputs and its consumed offsets are committed
   in one Kafka transaction.
 
-Bad input never stops the worker: it becomes a dead letter and its offset advances like any other.
+After a crash, at-least-once re-publishes at most what was published but not yet committed: the
+batches awaiting acknowledgements (at most ``max_in_flight_batches``, so at most
+``max_in_flight_batches * batch_size`` posts) plus what finished within the last commit interval.
+
+Bad input never stops the worker: it becomes a dead letter and its offset advances like any other,
+including records aiokafka itself cannot read (a header key that is not UTF-8, a record larger than
+a fetch). Faults (tests/test_faults.py, tests/test_chaos.py):
+
+* Kafka unreachable at start-up: retried with exponential backoff (not ready meanwhile); a rejected
+  SASL login is not retried: exit code 2;
+* broker restarts, leader moves, rebalances: the clients reconnect; the worker keeps running;
+* an output that cannot be published within ``kafka.delivery_timeout_s`` (or at all): the worker
+  stops consuming, commits nothing past it and exits with code 3.
 """
 
 from __future__ import annotations
@@ -54,7 +66,9 @@ from worker.settings import WorkerSettings
 
 log = structlog.get_logger(__name__)
 
-EXIT_OK, EXIT_CONFIG, EXIT_KAFKA, EXIT_DELIVERY = 0, 1, 2, 3
+EXIT_OK, EXIT_CONFIG, EXIT_KAFKA, EXIT_DELIVERY, EXIT_MODEL = 0, 1, 2, 3, 4
+# posts in a row that fail inference one by one: the model itself is broken, not the posts
+SYSTEMIC_FAILURES = 64
 # what aiokafka raises from getmany for a record it cannot parse (e.g. a non-UTF-8 header key)
 UNREADABLE = (UnicodeDecodeError, CorruptRecordException)
 
@@ -87,7 +101,7 @@ class Batch:
 
     number: int
     items: list[Inbound]
-    token_ids: list[list[int]] = field(default_factory=list)
+    token_ids: list[list[int]] | None = None  # None: not tokenised yet (or it failed)
     outputs: list[list[OutputRecord]] = field(default_factory=list)  # per item
 
 
@@ -140,6 +154,7 @@ class Pipeline:
         self._too_large: dict[tuple[TopicPartition, int], int] = {}  # refetch attempts
         self._stop = asyncio.Event()
         self._fatal: FatalError | None = None
+        self._failures_in_a_row = 0  # posts that failed inference alone, in a row
         self._model_ready = False
         self._batches = 0
         self.consumer: AIOKafkaConsumer | None = None
@@ -209,7 +224,7 @@ class Pipeline:
             )
         self.processor = self._processor_factory(classifier, self.settings)
         self._model_ready = True
-        self.metrics.review_target.set(self.settings.review.target_rate or 0)
+        self.metrics.review_target.set(self.processor.router.policy.config.target_rate or 0)
         log.info(
             "model ready",
             model=classifier.name,
@@ -302,8 +317,14 @@ class Pipeline:
                 stages, timeout=grace, return_when=asyncio.FIRST_EXCEPTION
             )
             for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                error = None if task.cancelled() else task.exception()
+                if isinstance(error, KafkaError):  # e.g. not authorised to read the topic
+                    raise FatalError(
+                        f"{task.get_name()} stage stopped: {type(error).__name__}: {error}",
+                        EXIT_KAFKA,
+                    ) from error
+                if error is not None:
+                    raise error
             if pending and self._fatal is None:
                 log.warning(
                     "grace period over: in-flight messages will be consumed again",
@@ -313,9 +334,14 @@ class Pipeline:
             self._raise_if_fatal()
         finally:
             stop.cancel()
+            # cancel until every task is done: a library may swallow one cancellation
+            while pending := {t for t in tasks if not t.done()}:
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=1)
             for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+                if not task.cancelled():
+                    task.exception()  # retrieved: no "exception was never retrieved" warning
 
     async def _close(self) -> None:
         """Last commit (at-least-once), then close the clients and the HTTP server."""
@@ -384,6 +410,8 @@ class Pipeline:
         skipped it. Go back: first in a fetch, a broker returns it whole. If it still does not
         come through, dead-letter it without its payload rather than lose it silently."""
         assert self.consumer is not None
+        if len(exc.args) != 4:
+            raise exc
         _, tp, offset, limit = exc.args
         if tp not in self.assigned:
             return
@@ -413,7 +441,9 @@ class Pipeline:
         partition), and raises again on every later call: one hostile record would stop the
         worker. Go back to the first record not received in every partition, then read the
         partitions in turn, one record per call, until the unreadable one shows up: dead-letter
-        it (its payload cannot be read) and carry on after it."""
+        it (its payload cannot be read) and carry on after it. aiokafka parses a record batch
+        from its start, so the records after a bad one in the same producer batch cannot be
+        read either: each becomes a dead letter the same way (none is lost)."""
         assert self.consumer is not None
         consumer = self.consumer
         log.warning("a record could not be read; locating it", error=f"{type(exc).__name__}")
@@ -439,7 +469,10 @@ class Pipeline:
                         if isinstance(error, UnicodeDecodeError)
                         else "processing_error"
                     )
-                    message = f"the Kafka record cannot be parsed ({type(error).__name__}: {error})"
+                    message = (
+                        "the Kafka record cannot be parsed, or one before it in its record batch "
+                        f"cannot ({type(error).__name__}: {error})"
+                    )
                     self._add(tp, offset, None, None, None, DecodeFailure(kind, message[:500]))
                     log.warning(
                         "unreadable record dead-lettered", partition=tp.partition, offset=offset
@@ -514,9 +547,12 @@ class Pipeline:
             batch = Batch(self._batches, items)
             posts = [i.post for i in items if i.post is not None]
             if posts:
-                batch.token_ids = await loop.run_in_executor(
-                    self._cpu_thread, self.processor.tokenize, posts
-                )
+                try:
+                    batch.token_ids = await loop.run_in_executor(
+                        self._cpu_thread, self.processor.tokenize, posts
+                    )
+                except Exception as exc:  # the model thread retries post by post
+                    log.warning("tokenising a batch failed", error=f"{type(exc).__name__}: {exc}")
             await self._infer_q.put(batch)
         await self._infer_q.put(None)
 
@@ -543,19 +579,65 @@ class Pipeline:
             await self._publish_q.put(batch)
         await self._publish_q.put(None)
 
-    def _outputs(self, batch: Batch) -> list[list[OutputRecord]]:
-        """Runs in the model thread: inference, routing and serialisation of one batch."""
+    def _routed(self, batch: Batch) -> dict[tuple[TopicPartition, int], Any]:
+        """Inference and routing of a batch's valid posts, by (partition, offset). When the
+        batch fails (a post the tokeniser or model cannot handle), each post is retried alone;
+        a post that still fails becomes a ``processing_error`` dead letter. When every post
+        fails for ``SYSTEMIC_FAILURES`` posts in a row, the model is broken: stop (exit 4)
+        rather than dead-letter the whole stream."""
         assert self.processor is not None
-        topics = self.settings.topics
         valid = [i for i in batch.items if i.post is not None]
-        routed_by_offset: dict[tuple[TopicPartition, int], Any] = {}
-        if valid:
+        if not valid:
+            return {}
+        try:
             routed = self.processor.process(
                 [i.post for i in valid if i.post is not None],
                 [i.source() for i in valid],
                 token_ids=batch.token_ids,
             )
-            routed_by_offset = {(i.tp, i.offset): r for i, r in zip(valid, routed, strict=True)}
+            self._failures_in_a_row = 0
+            return {(i.tp, i.offset): r for i, r in zip(valid, routed, strict=True)}
+        except Exception as exc:
+            log.warning(
+                "batch failed; retrying its posts one by one",
+                batch=batch.number,
+                posts=len(valid),
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
+        by_offset: dict[tuple[TopicPartition, int], Any] = {}
+        for item in valid:
+            assert item.post is not None
+            try:
+                by_offset[(item.tp, item.offset)] = self.processor.process(
+                    [item.post], [item.source()]
+                )[0]
+                self._failures_in_a_row = 0
+            except Exception as exc:
+                self._failures_in_a_row += 1
+                error = f"{type(exc).__name__}: {exc}"
+                if self._failures_in_a_row >= SYSTEMIC_FAILURES:
+                    raise FatalError(
+                        f"inference failed for {self._failures_in_a_row} posts in a row, each "
+                        f"alone: the model cannot run ({error[:300]}); nothing past them is "
+                        "committed",
+                        EXIT_MODEL,
+                    ) from exc
+                item.post = None
+                item.failure = DecodeFailure(
+                    "processing_error", f"inference failed for this post: {error}"[:500]
+                )
+                log.warning(
+                    "post dead-lettered: inference failed",
+                    partition=item.tp.partition,
+                    offset=item.offset,
+                    error=error[:300],
+                )
+        return by_offset
+
+    def _outputs(self, batch: Batch) -> list[list[OutputRecord]]:
+        """Runs in the model thread: inference, routing and serialisation of one batch."""
+        topics = self.settings.topics
+        routed_by_offset = self._routed(batch)
         outputs: list[list[OutputRecord]] = []
         for item in batch.items:
             if item.failure is not None:
@@ -623,8 +705,12 @@ class Pipeline:
         self._finish(batch)
 
     def _fail_delivery(self, exc: DeliveryFailed) -> None:
+        if exc.retriable:
+            what = f"within {exc.waited_s:.0f}s (kafka.delivery_timeout_s)"
+        else:
+            what = "(not retriable)"
         self._fatal = FatalError(
-            f"could not publish to {exc.topic} for {exc.waited_s:.0f}s ({exc.cause}); "
+            f"could not publish to {exc.topic} {what}: {type(exc.cause).__name__}: {exc.cause}; "
             "stopped consuming without committing past the unpublished messages",
             EXIT_DELIVERY,
         )

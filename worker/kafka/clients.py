@@ -16,19 +16,28 @@ from worker.kafka.delivery import is_auth_error
 from worker.settings import KafkaSettings
 
 
-class _BootstrapErrorsAsWarnings(logging.Filter):
-    """aiokafka logs every failed bootstrap connection at ERROR, then raises; the worker retries
-    those itself (and logs one warning per attempt), or stops with one clear error."""
+class _RetriedErrorsAsWarnings(logging.Filter):
+    """aiokafka logs at ERROR some failures it then retries by itself (a broker restarting, a
+    coordinator not loaded yet) or that it raises to the worker, which retries or stops with one
+    clear error of its own: those lines become warnings, so ERROR means the worker gave up."""
+
+    RETRIED = (
+        "Unable connect to",
+        "Unable to update metadata from",
+        "Group Coordinator Request failed",
+        "Heartbeat send request failed",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.ERROR and str(record.msg).startswith("Unable connect to"):
+        if record.levelno == logging.ERROR and str(record.msg).startswith(self.RETRIED):
             record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
-_AIOKAFKA_LOG = logging.getLogger("aiokafka")
-if not any(isinstance(f, _BootstrapErrorsAsWarnings) for f in _AIOKAFKA_LOG.filters):
-    _AIOKAFKA_LOG.addFilter(_BootstrapErrorsAsWarnings())
+for _name in ("aiokafka", "aiokafka.consumer.group_coordinator"):
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, _RetriedErrorsAsWarnings) for f in _logger.filters):
+        _logger.addFilter(_RetriedErrorsAsWarnings())
 
 
 def connection_kwargs(kafka: KafkaSettings) -> dict[str, Any]:

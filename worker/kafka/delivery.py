@@ -72,9 +72,14 @@ class Sent:
 
 
 class DeliveryFailed(Exception):
-    def __init__(self, topic: str, waited_s: float, cause: BaseException) -> None:
+    """An output could not be published: ``retriable`` is False when retrying cannot help (e.g.
+    the record is larger than the topic accepts), True when the delivery timeout ran out."""
+
+    def __init__(
+        self, topic: str, waited_s: float, cause: BaseException, retriable: bool = True
+    ) -> None:
         super().__init__(f"{topic}: {type(cause).__name__}: {cause}")
-        self.topic, self.waited_s, self.cause = topic, waited_s, cause
+        self.topic, self.waited_s, self.cause, self.retriable = topic, waited_s, cause, retriable
 
 
 def is_auth_error(exc: BaseException) -> bool:
@@ -124,10 +129,10 @@ class Publisher:
                 continue
             remaining = started + self.delivery_timeout_s - time.monotonic()
             try:
-                future = await asyncio.wait_for(
-                    self.producer.send(record.topic, record.value, key=record.key),
-                    max(0.1, remaining),
-                )
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that arrives as the send completes, and the stage never stops
+                async with asyncio.timeout(max(0.1, remaining)):
+                    future = await self.producer.send(record.topic, record.value, key=record.key)
             except (KafkaError, TimeoutError) as exc:  # e.g. no metadata for the topic
                 if isinstance(exc, TimeoutError):
                     exc = TimeoutError(f"no metadata or buffer space within {remaining:.0f}s")
@@ -163,7 +168,9 @@ class Publisher:
                 return
             record, error = failed[0]
             assert error is not None
-            if not retry or isinstance(error, NOT_RETRIABLE) or waited >= self.delivery_timeout_s:
+            if isinstance(error, NOT_RETRIABLE):
+                raise DeliveryFailed(record.topic, waited, error, retriable=False)
+            if not retry or waited >= self.delivery_timeout_s:
                 raise DeliveryFailed(record.topic, waited, error)
             log.warning(
                 "publish failed; retrying",
