@@ -380,7 +380,8 @@ def test_classify_file(row: Row, family_dirs: dict[str, Path]) -> None:
             assert all(e["uncertainty"] is not None for e in event["emotions"])
         else:
             assert event["uncertainty"]["mutual_information"] is None
-            assert event["uncertainty"]["review_score"] is None
+            # the default score (expected risk) needs no MC spread: defined for one pass
+            assert 0.0 <= event["uncertainty"]["review_score"] <= 1.0
             assert all(e["uncertainty"] is None for e in event["emotions"])
             assert all(e["flip_rate"] is None for e in event["emotions"])
 

@@ -14,7 +14,7 @@ from schemas import EnrichedPost, ReviewRequest, SocialPost
 from worker.inference.loading import Classifier
 from worker.inference.uncertainty import McSummary, summarise_samples
 from worker.processing import BatchProcessor
-from worker.routing.policy import ReviewPolicy
+from worker.routing.policy import ReviewPolicy, expected_risk
 from worker.routing.router import Router, predicted_label_indices
 from worker.settings import ReviewSettings, WorkerSettings
 
@@ -196,11 +196,12 @@ def test_without_budget_a_post_is_routed_iff_a_rule_fired(routed_run: Any) -> No
     assert True in decisions and False in decisions, "the batch should have both outcomes"
 
 
-def test_review_score_is_the_threshold_distance_score(routed_run: Any) -> None:
+def test_review_score_is_the_default_expected_risk_score(routed_run: Any) -> None:
     _, summary, thresholds, routed = routed_run
-    z = summary.threshold_distance(thresholds)
+    assert ReviewSettings().score == "expected_risk"
+    risk = expected_risk(summary.mean, thresholds)
     for i, r in enumerate(routed):
-        assert r.enriched["uncertainty"]["review_score"] == pytest.approx(1 / (1 + z[i]), abs=1e-6)
+        assert r.enriched["uncertainty"]["review_score"] == pytest.approx(risk[i], abs=1e-4)
         assert r.enriched["uncertainty"]["mutual_information"] == pytest.approx(
             summary.mutual_information[i], abs=1e-6
         )
@@ -218,7 +219,10 @@ def test_off_mode_events_have_no_sampling_statistics(
         assert event.model.mc_mode == "off" and event.model.n_samples == 1
         assert event.uncertainty.n_samples == 1
         assert event.uncertainty.mutual_information is None
-        assert event.uncertainty.review_score is None
+        # the default score, expected risk, needs no spread: defined for one pass too
+        probabilities = np.array([[e.probability for e in event.emotions]])
+        risk = expected_risk(probabilities, test_classifier.thresholds)[0]
+        assert event.uncertainty.review_score == pytest.approx(risk, abs=1e-3)
         assert all(e.uncertainty is None and e.flip_rate is None for e in event.emotions)
         assert event.uncertainty.predictive_entropy is not None
         assert not event.needs_review, "no samples: the ambiguity rule cannot fire"

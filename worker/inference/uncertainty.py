@@ -9,7 +9,7 @@ For a post with S samples of per-label sigmoid outputs p[s, l] and per-label thr
     expected_entropy   = (1/S) sum_s sum_l H(p[s, l])                           (aleatoric)
     mutual_information = predictive_entropy - expected_entropy                 (epistemic, BALD)
     flip_rate[l]       = share of samples s with (p[s, l] >= t[l]) != (mean[l] >= t[l])
-    threshold_distance = min_l |mean[l] - t[l]| / (std[l] + eps)               (small: ambiguous)
+    threshold_distance = min_l |mean[l] - t[l]| / max(std[l], 0.001)            (small: ambiguous)
 
 Samples arrive in chunks (adaptive sampling adds samples to some posts only), so the statistics are
 kept as running sums, in float64.

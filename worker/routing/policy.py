@@ -66,7 +66,7 @@ class PolicyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    score: ScoreKind = "threshold_distance"
+    score: ScoreKind = "expected_risk"
     target_rate: float | None = Field(0.05, ge=0.0, le=1.0)
     max_per_minute: float | None = Field(None, gt=0)
     epistemic_cut: float | None = Field(None, ge=0)

@@ -16,7 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from worker.inference.uncertainty import STD_FLOOR, McSummary
+from worker.inference.uncertainty import McSummary
+from worker.routing.policy import SCORE_KINDS, expected_risk
+from worker.routing.policy import review_scores as policy_scores
 from worker.training.metrics import binarize, classification_report
 
 REVIEW_RATES = (0.05, 0.10, 0.20)
@@ -49,17 +51,14 @@ def binary_entropy_np(p: np.ndarray) -> np.ndarray:
 def review_scores(
     mc: McSummary, deterministic: np.ndarray | None, thresholds: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Candidate review scores (higher: more uncertain). ``det_*`` use one eval pass only."""
-    z = np.abs(mc.mean - thresholds) / np.maximum(mc.std, STD_FLOOR)
-    scores = {
-        "mutual_information": mc.mutual_information,
-        "predictive_entropy": mc.predictive_entropy,
-        "threshold_distance": 1.0 / (1.0 + z.min(axis=1)),
-        "mc_threshold_margin": -np.abs(mc.mean - thresholds).min(axis=1),
-    }
+    """Candidate review scores (higher: more uncertain). ``det_*`` use one eval pass only: the
+    baselines any MC score must beat to earn its cost."""
+    scores = {kind: policy_scores(kind, mc, thresholds) for kind in SCORE_KINDS}
+    scores["mc_threshold_margin"] = -np.abs(mc.mean - thresholds).min(axis=1)
     if deterministic is not None:
         scores["det_entropy"] = binary_entropy_np(deterministic).sum(axis=1)
         scores["det_threshold_margin"] = -np.abs(deterministic - thresholds).min(axis=1)
+        scores["det_expected_risk"] = expected_risk(deterministic, thresholds)
     return scores
 
 
