@@ -301,6 +301,72 @@ def produce(
 
 @app.command()
 @one_line_errors
+def replay(
+    kind: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--kind", help="Replay only dead letters of this kind (repeatable); default: all."
+        ),
+    ] = None,
+    to_topic: Annotated[
+        str | None, typer.Option(help="Target topic (default: the input topic).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be replayed; publish nothing.")
+    ] = False,
+    limit: Annotated[int, typer.Option(help="Replay at most this many messages; 0: all.")] = 0,
+    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+) -> None:
+    """Re-publish dead letters (original bytes and key) once the cause is fixed."""
+    from typing import get_args
+
+    from rich.table import Table
+
+    from schemas import DeadLetterKind
+    from worker.kafka.replay import ReplayError, replay_dead_letters
+
+    known = get_args(DeadLetterKind)
+    for name in kind or []:
+        if name not in known:
+            raise CliError(f"unknown dead-letter kind {name!r}: choose from {', '.join(known)}")
+    if limit < 0:
+        raise CliError("--limit must be 0 (all) or more")
+    settings = load_settings(**{"kafka.bootstrap_servers": bootstrap_servers})
+    try:
+        report = asyncio.run(
+            replay_dead_letters(
+                settings, set(kind) if kind else None, to_topic, dry_run=dry_run, limit=limit
+            )
+        )
+    except ReplayError as exc:
+        raise CliError(str(exc)) from exc
+    out = Console(soft_wrap=True)
+    verb = "would replay" if report.dry_run else "replayed"
+    out.print(f"read: {report.read} dead letters from {report.source_topic}")
+    out.print(f"{verb}: {report.replayed} to {report.target_topic}")
+    if report.dry_run:
+        out.print("dry run: nothing was published")
+    if report.limit_reached:
+        out.print(f"stopped at --limit {limit}: later dead letters were not read")
+    out.print(f"not selected: {report.not_selected}")
+    out.print(f"skipped: {report.skipped_total}")
+    for reason, count in sorted(report.skipped.items()):
+        out.print(f"  skipped {reason}: {count}")
+    if report.by_kind:
+        table = Table("kind", "read", verb, "skipped", "not selected")
+        for name, counts in sorted(report.by_kind.items()):
+            table.add_row(
+                name,
+                str(counts.read),
+                str(counts.replayed),
+                str(counts.skipped),
+                str(counts.not_selected),
+            )
+        out.print(table)
+
+
+@app.command()
+@one_line_errors
 def train(
     data: Annotated[
         Path, typer.Option(help="Folder with train.tsv, dev.tsv (GoEmotions format), labels.txt.")
