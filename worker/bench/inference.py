@@ -120,7 +120,7 @@ def fidelity(
     thresholds: np.ndarray,
     targets: np.ndarray,
     review_rate: float = 0.10,
-    score: str = "threshold_distance",
+    score: str = "expected_risk",  # the product's default review score
 ) -> dict[str, float]:
     """Agreement of ``run`` with ``reference`` on the same posts, plus honest quality figures."""
     n = len(reference.mean)
@@ -206,6 +206,9 @@ def run_inference_bench(
     fast = _with(fast_config, seed=33, n_samples=n_samples)
     runs.append(timed("fast", len(tokens), lambda: engine_run(classifier, tokens, fast)))
     log(f"  fast                {runs[-1].posts_per_s:7.2f} posts/s")
+    fast_int8 = _with(fast, int8=True)
+    runs.append(timed("fast_int8", len(tokens), lambda: engine_run(classifier, tokens, fast_int8)))
+    log(f"  fast_int8           {runs[-1].posts_per_s:7.2f} posts/s")
     det = EngineConfig(n_samples=1, mode="off")
     runs.append(timed("deterministic", len(tokens), lambda: engine_run(classifier, tokens, det)))
     log(f"  deterministic       {runs[-1].posts_per_s:7.2f} posts/s")
