@@ -9,7 +9,17 @@ from pathlib import Path
 from worker.docs import README, readme_with_reference
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = ["run", "classify", "train", "evaluate", "bench", "topics", "produce", "replay", "schema"]
+COMMANDS = [
+    "run",
+    "classify",
+    "train",
+    "evaluate",
+    "bench",
+    "topics",
+    "produce",
+    "replay",
+    "schema",
+]
 
 
 def emoworker(*args: str) -> subprocess.CompletedProcess[str]:
