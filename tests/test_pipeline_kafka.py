@@ -151,6 +151,11 @@ async def test_two_workers_share_the_partitions(
     async with running(first):
         await asyncio.sleep(3)
         async with running(second):
+            # the second half goes in once both workers own partitions, so both process some
+            for _ in range(300):  # up to 60 s
+                if second.assigned and first.assigned:
+                    break
+                await asyncio.sleep(0.2)
             await produce(
                 kafka.bootstrap_servers,
                 topics.input,
