@@ -335,10 +335,10 @@ class Pipeline:
         finally:
             stop.cancel()
             # cancel until every task is done: a library may swallow one cancellation
-            while pending := {t for t in tasks if not t.done()}:
-                for task in pending:
+            while unfinished := {t for t in tasks if not t.done()}:
+                for task in unfinished:
                     task.cancel()
-                await asyncio.wait(pending, timeout=1)
+                await asyncio.wait(unfinished, timeout=1)
             for task in tasks:
                 if not task.cancelled():
                     task.exception()  # retrieved: no "exception was never retrieved" warning

@@ -266,10 +266,9 @@ class _Sender:
         if not pending:
             return
         try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*(f for _, f in pending), return_exceptions=True),
-                self.delivery_timeout_s,
-            )
+            # asyncio.timeout, not wait_for (which can swallow a cancellation on Python 3.11)
+            async with asyncio.timeout(self.delivery_timeout_s):
+                results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
         except TimeoutError as exc:
             self._fail(exc)
         failure: BaseException | None = None
