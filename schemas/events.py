@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 SUPPORTED_INPUT_MAJOR = "1"
 MAX_ID_CHARS = 512
@@ -148,6 +148,9 @@ class ModelInfo(BaseModel):
     revision: str | None = Field(None, description="Revision or content hash of the weights.")
     n_samples: int = Field(description="Configured MC samples (the most a post receives).")
     mc_mode: str = Field(description="full, fast or off.")
+    precision: str | None = Field(
+        None, description="Matmul precision of the MC passes: fp32, bf16 or fp16 (since 1.1)."
+    )
 
 
 class KafkaSource(BaseModel):

@@ -72,6 +72,9 @@ ModelOpt = Annotated[
 ]
 SamplesOpt = Annotated[int | None, typer.Option("--n-samples", help="MC Dropout samples.")]
 ModeOpt = Annotated[str | None, typer.Option("--mc-mode", help="full, fast or off.")]
+PrecisionOpt = Annotated[
+    str | None, typer.Option("--precision", help="auto, fp32, bf16 or fp16 (matmul precision).")
+]
 AdapterOpt = Annotated[
     str | None, typer.Option("--adapter", help="Output adapter (see the README), e.g. tuple:1.")
 ]
@@ -91,6 +94,7 @@ def run(
     model: ModelOpt = None,
     n_samples: SamplesOpt = None,
     mc_mode: ModeOpt = None,
+    precision: PrecisionOpt = None,
     adapter: AdapterOpt = None,
     trust_remote_code: RemoteCodeOpt = None,
 ) -> None:
@@ -104,6 +108,7 @@ def run(
             "model.path": model,
             "model.n_samples": n_samples,
             "model.mc_mode": mc_mode,
+            "model.precision": precision,
             "model.adapter": adapter,
             "model.trust_remote_code": trust_remote_code,
         }
@@ -130,6 +135,7 @@ def classify(
     model: ModelOpt = None,
     n_samples: SamplesOpt = None,
     mc_mode: ModeOpt = None,
+    precision: PrecisionOpt = None,
     seed: SeedOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Posts per inference batch.")] = None,
     adapter: AdapterOpt = None,
@@ -151,6 +157,7 @@ def classify(
             "model.path": model,
             "model.n_samples": n_samples,
             "model.mc_mode": mc_mode,
+            "model.precision": precision,
             "model.seed": seed,
             "model.adapter": adapter,
             "model.trust_remote_code": trust_remote_code,
@@ -467,6 +474,7 @@ def evaluate(
     model: ModelOpt = None,
     n_samples: SamplesOpt = None,
     mc_mode: ModeOpt = None,
+    precision: PrecisionOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the MC samples.")] = 0,
     labels: Annotated[
         Path | None, typer.Option(help="labels.txt (id to name); default: the model's labels.")
@@ -484,6 +492,7 @@ def evaluate(
     from rich.progress import Progress
 
     from worker.inference.loading import load_classifier
+    from worker.inference.precision import resolve_precision
     from worker.training.evaluation import predict_texts
     from worker.training.goemotions import read_label_names, read_tsv
     from worker.training.plots import (
@@ -498,6 +507,7 @@ def evaluate(
             "model.path": model,
             "model.n_samples": n_samples,
             "model.mc_mode": mc_mode,
+            "model.precision": precision,
             "model.adapter": adapter,
             "model.trust_remote_code": trust_remote_code,
         }
@@ -520,10 +530,15 @@ def evaluate(
             n_samples=n,
             mode=settings.model.mc_mode,
             seed=seed,
+            precision=settings.model.precision,
             progress=lambda k: bar.advance(task, k),
         )
         det = predict_texts(
-            classifier, split.texts, mode="off", progress=lambda k: bar.advance(task, k)
+            classifier,
+            split.texts,
+            mode="off",
+            precision=settings.model.precision,
+            progress=lambda k: bar.advance(task, k),
         )
     report = evaluate_predictions(split.targets, mc, classifier.thresholds, names, det.mean)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -536,6 +551,7 @@ def evaluate(
         "revision": classifier.revision,
         "n_samples": n,
         "mc_mode": settings.model.mc_mode,
+        "precision": resolve_precision(settings.model.precision, classifier.device),
     }
     report["data"] = str(data)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -559,7 +575,10 @@ def bench(
 ) -> None:
     """Benchmark MC Dropout arrangements, the pipeline, latency and memory; write JSON."""
     from worker.bench.run import DEFAULT_DEV, RESULTS, BenchOptions, run_bench
+    from worker.logs import configure_logging
 
+    # as in production: per-post info lines would cost the transport bench CPU it measures
+    configure_logging("auto", "WARNING")
     options = BenchOptions(
         model=model,
         data=data or DEFAULT_DEV,

@@ -40,7 +40,10 @@ class BatchProcessor:
         self.engine = McDropoutEngine(
             classifier,
             EngineConfig(
-                n_samples=n_samples, mode=settings.model.mc_mode, seed=settings.model.seed
+                n_samples=n_samples,
+                mode=settings.model.mc_mode,
+                seed=settings.model.seed,
+                precision=settings.model.precision,
             ),
         )
         self.model_info: dict[str, Any] = {
@@ -48,6 +51,7 @@ class BatchProcessor:
             "revision": classifier.revision,
             "n_samples": self.engine.n_samples,
             "mc_mode": self.engine.mode,
+            "precision": self.engine.precision,
         }
         self.policy = ReviewPolicy(settings.review, classifier.label_names, classifier.thresholds)
         self.router = Router(

@@ -179,6 +179,11 @@ class ModelSettings(BaseModel):
         description="full: every dropout layer stochastic for all N samples; fast: adaptive "
         "sampling (see the README); off: one deterministic pass.",
     )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Matmul precision of the MC passes: auto (bf16 where the CPU or GPU has it "
+        "natively, else fp32), fp32, bf16 or fp16 (autocast; see the README).",
+    )
     seed: int | None = Field(None, description="Seed for reproducible MC samples (tests).")
     max_length: int = Field(
         128, ge=8, description="Token window; longer texts are truncated for inference."

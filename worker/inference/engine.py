@@ -21,6 +21,9 @@ Modes:
   could flip), or a place among the batch's most uncertain ``watch_top_share`` (the review
   decision could flip). Far-from-threshold, unremarkable posts stop early.
 * ``off``: one deterministic pass (also used for models without dropout).
+
+Precision (``precision.py``): ``fp32``, or the matmuls in bfloat16/float16 under autocast.
+``auto`` (the default) is bfloat16 where the hardware has it natively, float32 elsewhere.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import nn
 from worker.inference.dropout import set_mc_dropout
 from worker.inference.fast_dropout import install_fast_dropout
 from worker.inference.loading import Classifier
+from worker.inference.precision import autocast, resolve_precision
 from worker.inference.uncertainty import McAccumulator, McSummary
 
 McMode = Literal["full", "fast", "off"]
@@ -55,6 +59,7 @@ class EngineConfig:
     z: float = 3.0  # fast mode: more samples while |mean - t| < z * standard error
     watch_top_share: float = 0.2  # fast mode: the batch's most uncertain share samples fully
     int8: bool = False  # fast mode: dynamically quantised linear layers on the CPU (unfaithful)
+    precision: str = "auto"  # auto, fp32, bf16, fp16 (see precision.py)
 
 
 def pad(
@@ -93,9 +98,15 @@ class McDropoutEngine:
         on_cpu = classifier.device.type == "cpu"
         if on_cpu and config.fast_dropout and self.mode != "off":
             install_fast_dropout(classifier.model)
+        self.precision = (
+            resolve_precision(config.precision, classifier.device)
+            if _has_float_parameters(classifier.model)
+            else "fp32"  # e.g. an ONNX classifier: torch only moves its inputs
+        )
         self.sampling_model: nn.Module = classifier.model
         if on_cpu and self.mode == "fast" and config.int8:
             self.sampling_model = int8_copy(classifier.model)
+            self.precision = "fp32"  # the int8 layers take float32 inputs
 
     @property
     def n_samples(self) -> int:
@@ -108,7 +119,7 @@ class McDropoutEngine:
             return acc.summary()
         if self.config.seed is not None:
             torch.manual_seed(self.config.seed)
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(self.precision, self.classifier.device):
             if self.mode == "off":
                 set_mc_dropout(self.classifier.model, False)
                 self._sample(self.classifier.model, token_ids, list(range(len(token_ids))), 1, acc)
@@ -181,6 +192,10 @@ class McDropoutEngine:
                 )
                 acc.add(index.repeat(k), probs)
                 remaining -= k
+
+
+def _has_float_parameters(model: nn.Module) -> bool:
+    return any(p.is_floating_point() for p in model.parameters())
 
 
 _INT8_COPIES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()

@@ -25,11 +25,14 @@ def predict_texts(
     mode: McMode = "full",
     seed: int | None = 0,
     batch_size: int = 256,
+    precision: str = "auto",
     progress: Callable[[int], Any] | None = None,
     engine_config: EngineConfig | None = None,
 ) -> McSummary:
     """MC statistics for every text, in order, computed in batches."""
-    config = engine_config or EngineConfig(n_samples=n_samples, mode=mode, seed=seed)
+    config = engine_config or EngineConfig(
+        n_samples=n_samples, mode=mode, seed=seed, precision=precision
+    )
     engine = McDropoutEngine(classifier, config)
     parts = []
     for start in range(0, len(texts), batch_size):

@@ -1,0 +1,76 @@
+"""Matmul precision of the MC passes: what ``auto`` picks, and that bf16 changes numbers only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from texts import EXAMPLE_TEXTS
+
+from worker.inference import precision as precision_module
+from worker.inference.engine import EngineConfig, McDropoutEngine
+from worker.inference.loading import load_classifier
+from worker.inference.precision import autocast, resolve_precision
+from worker.settings import ModelSettings
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_is_bf16_only_where_native(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    monkeypatch.setattr(precision_module, "native_bf16", lambda device: native)
+    assert resolve_precision("auto", CPU) == ("bf16" if native else "fp32")
+    for explicit in ("fp32", "bf16", "fp16"):
+        assert resolve_precision(explicit, CPU) == explicit
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        resolve_precision("int4", CPU)
+
+
+def test_autocast_lowers_matmuls_only() -> None:
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    with autocast("bf16", CPU):
+        assert (a @ b).dtype == torch.bfloat16
+    with autocast("fp32", CPU):
+        assert (a @ b).dtype == torch.float32
+
+
+def test_settings_reach_the_engine_and_the_events(test_model_dir: Path) -> None:
+    from worker.processing import BatchProcessor
+    from worker.settings import WorkerSettings
+
+    settings = WorkerSettings.from_layers(
+        {"model": {"path": str(test_model_dir), "device": "cpu", "precision": "bf16"}}, {}
+    )
+    classifier = load_classifier(settings.model)
+    processor = BatchProcessor(classifier, settings)
+    assert processor.engine.precision == "bf16"
+    assert processor.model_info["precision"] == "bf16"
+
+
+def test_seeded_bf16_samples_the_same_masks_as_fp32(test_model_dir: Path) -> None:
+    """Same seed, same dropout masks: bf16 moves the MC means by far less than MC noise."""
+    classifier = load_classifier(ModelSettings(path=str(test_model_dir), device="cpu"))
+    tokens = classifier.tokenize(EXAMPLE_TEXTS)
+    runs = {}
+    for name in ("fp32", "bf16"):
+        engine = McDropoutEngine(classifier, EngineConfig(n_samples=16, seed=5, precision=name))
+        assert engine.precision == name
+        runs[name] = engine.predict(tokens)
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    difference = np.abs(fp32.mean - bf16.mean)
+    assert difference.max() > 0.0  # autocast really ran
+    mc_standard_error = fp32.std / np.sqrt(16)
+    assert difference.mean() < 0.1 * mc_standard_error.mean()
+    assert bf16.mean.dtype == fp32.mean.dtype
+
+
+def test_int8_fast_mode_stays_fp32(test_model_dir: Path) -> None:
+    classifier = load_classifier(ModelSettings(path=str(test_model_dir), device="cpu"))
+    config = EngineConfig(n_samples=4, mode="fast", int8=True, precision="bf16")
+    assert McDropoutEngine(classifier, config).precision == "fp32"
