@@ -8,7 +8,13 @@ Methods (all at the same N):
 * ``full`` — the engine's full MC Dropout (every dropout layer stochastic, exact semantics);
 * ``full_vs_full`` — ``full`` again with another seed: the noise reference for agreement;
 * ``fast`` — the engine's fast mode;
+* ``full_bf16``, ``fast_bf16`` — the same two modes with bfloat16 matmuls (autocast), another
+  seed; rows only where the hardware has native bfloat16 (``auto`` picks it there);
+* ``full_bf16_same_seed`` — bfloat16 with the first ``full`` run's seed (the same dropout masks):
+  its agreement with that run is the effect of the precision alone;
 * ``deterministic`` — one eval-mode pass (no uncertainty), for scale.
+
+The loops, ``full``, ``full_vs_full``, ``fast`` and ``deterministic`` run in float32.
 
 Agreement is measured against the first ``full`` run: identical predicted label sets, identical
 review flags (top share by the review score), Spearman correlation of mutual information. Each
@@ -31,6 +37,7 @@ from scipy.stats import spearmanr
 from worker.inference.dropout import set_mc_dropout
 from worker.inference.engine import EngineConfig, McDropoutEngine, pad
 from worker.inference.loading import Classifier
+from worker.inference.precision import native_bf16
 from worker.inference.uncertainty import McAccumulator, McSummary
 from worker.routing.policy import review_scores
 from worker.training.evaluation import concat_summaries
@@ -149,6 +156,7 @@ def fidelity(
         "macro_f1_at_model_thresholds": macro_f1(targets[:n], binarize(run.mean, thresholds)),
         "aurc": aurc,
         "mean_samples": float(run.n_samples.mean()),
+        "mean_abs_difference": float(np.abs(run.mean - reference.mean).mean()),
     }
 
 
@@ -176,8 +184,9 @@ def run_inference_bench(
         f"in the first {speed_posts}; N = {n_samples}"
     )
 
-    def full(seed: int) -> McSummary:
-        return engine_run(classifier, tokens, _with(full_config, seed=seed, n_samples=n_samples))
+    def full(seed: int, precision: str = "fp32") -> McSummary:
+        config = _with(full_config, seed=seed, n_samples=n_samples, precision=precision)
+        return engine_run(classifier, tokens, config)
 
     runs: list[MethodRun] = []
     runs.append(
@@ -189,7 +198,11 @@ def run_inference_bench(
     )
     log(f"  emcoder_loop        {runs[-1].posts_per_s:7.2f} posts/s")
     sorted_loop = EngineConfig(
-        n_samples=n_samples, seed=1, samples_per_forward=1, max_tokens_per_forward=32 * 64
+        n_samples=n_samples,
+        seed=1,
+        samples_per_forward=1,
+        max_tokens_per_forward=32 * 64,
+        precision="fp32",
     )
     runs.append(
         timed(
@@ -203,13 +216,24 @@ def run_inference_bench(
     log(f"  full                {runs[-1].posts_per_s:7.2f} posts/s")
     runs.append(timed("full_vs_full", len(tokens), lambda: full(22)))
     log(f"  full_vs_full        {runs[-1].posts_per_s:7.2f} posts/s")
-    fast = _with(fast_config, seed=33, n_samples=n_samples)
+    fast = _with(fast_config, seed=33, n_samples=n_samples, precision="fp32")
     runs.append(timed("fast", len(tokens), lambda: engine_run(classifier, tokens, fast)))
     log(f"  fast                {runs[-1].posts_per_s:7.2f} posts/s")
     fast_int8 = _with(fast, int8=True)
     runs.append(timed("fast_int8", len(tokens), lambda: engine_run(classifier, tokens, fast_int8)))
     log(f"  fast_int8           {runs[-1].posts_per_s:7.2f} posts/s")
-    det = EngineConfig(n_samples=1, mode="off")
+    if native_bf16(classifier.device):
+        runs.append(timed("full_bf16", len(tokens), lambda: full(44, "bf16")))
+        log(f"  full_bf16           {runs[-1].posts_per_s:7.2f} posts/s")
+        # the seed of the reference run: the same dropout masks, so only the precision differs
+        runs.append(timed("full_bf16_same_seed", len(tokens), lambda: full(11, "bf16")))
+        log(f"  full_bf16_same_seed {runs[-1].posts_per_s:7.2f} posts/s")
+        fast_bf16 = _with(fast, seed=55, precision="bf16")
+        runs.append(
+            timed("fast_bf16", len(tokens), lambda: engine_run(classifier, tokens, fast_bf16))
+        )
+        log(f"  fast_bf16           {runs[-1].posts_per_s:7.2f} posts/s")
+    det = EngineConfig(n_samples=1, mode="off", precision="fp32")
     runs.append(timed("deterministic", len(tokens), lambda: engine_run(classifier, tokens, det)))
     log(f"  deterministic       {runs[-1].posts_per_s:7.2f} posts/s")
 

@@ -30,6 +30,7 @@ from worker.bench.streaming import (
 )
 from worker.inference.engine import EngineConfig, McMode
 from worker.inference.loading import Classifier, load_classifier
+from worker.inference.precision import resolve_precision
 from worker.settings import ModelSettings
 from worker.training.goemotions import GOEMOTIONS_LABELS, read_tsv
 
@@ -177,9 +178,13 @@ async def streaming_benches(
         }
         tokens = classifier.tokenize(posts)
         config = EngineConfig(n_samples=n_samples, mode=mode, seed=5)
-        started = time.perf_counter()
-        engine_run(classifier, tokens, config, batch=batch)
-        raw = n_pipe / (time.perf_counter() - started)
+
+        def raw_inference() -> float:
+            started = time.perf_counter()
+            engine_run(classifier, tokens, config, batch=batch)
+            return n_pipe / (time.perf_counter() - started)
+
+        raw_before = raw_inference()
         settings = bench_settings(
             bootstrap,
             f"pipeline-{stamp}",
@@ -188,17 +193,6 @@ async def streaming_benches(
             model=model_settings,
         )
         piped = await saturated_throughput(settings, classifier, post_messages(posts))
-        out["pipeline"] = {
-            "mc_mode": mode,
-            "posts": n_pipe,
-            "raw_inference_posts_per_s": raw,
-            "pipeline_posts_per_s": piped["posts_per_s"],
-            "overhead": 1 - piped["posts_per_s"] / raw,
-        }
-        log(
-            f"pipeline ({mode}): {piped['posts_per_s']:.2f} posts/s through Kafka vs "
-            f"{raw:.2f} raw inference: overhead {100 * out['pipeline']['overhead']:.1f}%"
-        )
         settings = bench_settings(
             bootstrap,
             f"pipeline-eos-{stamp}",
@@ -208,8 +202,29 @@ async def streaming_benches(
             exactly_once=True,
         )
         eos_piped = await saturated_throughput(settings, classifier, post_messages(posts))
-        out["pipeline"]["exactly_once_posts_per_s"] = eos_piped["posts_per_s"]
-        log(f"  exactly-once: {eos_piped['posts_per_s']:.2f} posts/s")
+        raw_after = raw_inference()
+        # raw inference timed before and after the pipeline runs: this machine's speed drifts
+        raw = (raw_before + raw_after) / 2
+        out["pipeline"] = {
+            "mc_mode": mode,
+            "precision": resolve_precision("auto", classifier.device),
+            "posts": n_pipe,
+            "raw_inference_posts_per_s": raw,
+            "raw_inference_before_after": [raw_before, raw_after],
+            "pipeline_posts_per_s": piped["posts_per_s"],
+            "overhead": 1 - piped["posts_per_s"] / raw,
+            "exactly_once_posts_per_s": eos_piped["posts_per_s"],
+            "exactly_once_overhead": 1 - eos_piped["posts_per_s"] / raw,
+        }
+        log(
+            f"pipeline ({mode}): {piped['posts_per_s']:.2f} posts/s through Kafka vs "
+            f"{raw:.2f} raw inference ({raw_before:.2f} before, {raw_after:.2f} after): "
+            f"overhead {100 * out['pipeline']['overhead']:.1f}%"
+        )
+        log(
+            f"  exactly-once: {eos_piped['posts_per_s']:.2f} posts/s: overhead "
+            f"{100 * out['pipeline']['exactly_once_overhead']:.1f}%"
+        )
 
         # 3. latency at half the sustainable rate, and the batch/max-wait trade-off
         sustainable = piped["posts_per_s"]

@@ -1,0 +1,57 @@
+"""``emoworker bench --quick`` (inference part): the result file has the shape the README and
+tooling read, with every method measured and the agreement fields against the first full run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from texts import EXAMPLE_TEXTS
+
+from worker.bench.run import BenchOptions, run_bench
+from worker.inference.precision import native_bf16
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -> None:
+    import torch
+
+    data = tmp_path / "posts.tsv"
+    lines = [
+        f"{EXAMPLE_TEXTS[i % len(EXAMPLE_TEXTS)]}\t{i % 28},{(i * 7) % 28}\tid{i}"
+        for i in range(60)
+    ]
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "results"
+    options = BenchOptions(
+        model=str(test_model_dir), data=data, streaming=False, quick=True, output=out
+    )
+    result = run_bench(options, log=lambda _: None)
+
+    files = list(out.glob("*-quick.json"))
+    assert len(files) == 1 and not (out / "latest.json").exists()  # quick runs never replace it
+    written = json.loads(files[0].read_text())
+    assert written["n_samples"] == result["n_samples"] == 4
+    assert isinstance(written["machine"], str)
+    names = [m["name"] for m in written["methods"]]
+    expected = ["emcoder_loop", "sorted_loop", "full", "full_vs_full", "fast", "fast_int8"]
+    if native_bf16(torch.device("cpu")):
+        expected += ["full_bf16", "full_bf16_same_seed", "fast_bf16"]
+    assert names == [*expected, "deterministic"]
+    fields = {
+        "posts_per_s", "ratio_to_loop", "label_set_agreement", "review_agreement", "spearman",
+        "macro_f1", "aurc", "peak_rss_mb",
+    }  # fmt: skip
+    for method in written["methods"]:
+        assert fields <= method.keys(), method["name"]
+        assert method["posts_per_s"] > 0
+    by_name = {m["name"]: m for m in written["methods"]}
+    assert by_name["emcoder_loop"]["ratio_to_loop"] == 1.0
+    full = by_name["full"]  # the reference agrees with itself exactly
+    assert full["label_set_agreement"] == full["review_agreement"] == 1.0
+    assert full["mean_abs_difference"] == 0.0
+    assert by_name["deterministic"]["mean_samples"] == 1.0
+    assert 1.0 <= by_name["fast"]["mean_samples"] <= 4.0
+    assert written["memory"]["peak_rss_mb"] > 0
