@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
@@ -30,7 +29,7 @@ from pydantic import ValidationError
 
 from schemas import DeadLetter
 from worker.kafka.clients import build_producer, connection_kwargs, probe_credentials
-from worker.kafka.delivery import is_auth_error
+from worker.kafka.delivery import DeliveryFailed, OutputRecord, Publisher, is_auth_error
 from worker.settings import WorkerSettings
 
 UNKNOWN_KIND = "unknown"  # the kind of a record on the dead-letter topic that is no dead letter
@@ -231,7 +230,9 @@ async def replay_dead_letters(
 
 
 class _Sender:
-    """Sends and counts acknowledged messages; dry run counts without sending."""
+    """Publishes through the worker's ``Publisher`` (retries transient failures until the
+    delivery timeout) in groups of ``PENDING_MAX``, and counts what was acknowledged; a dry run
+    counts without sending."""
 
     def __init__(
         self,
@@ -240,63 +241,46 @@ class _Sender:
         report: ReplayReport,
         delivery_timeout_s: float,
     ) -> None:
-        self.producer = producer
+        self.publisher = None if producer is None else Publisher(producer, delivery_timeout_s)
         self.topic = topic
         self.report = report
-        self.delivery_timeout_s = delivery_timeout_s
         self.sent = 0
-        self.pending: list[tuple[str, asyncio.Future[Any]]] = []
+        self.pending: list[OutputRecord] = []
 
     async def send(self, kind: str, key: bytes | None, value: bytes) -> None:
         self.sent += 1
-        if self.producer is None:
+        if self.publisher is None:
             self._acknowledged(kind)
             return
-        try:
-            future = await self.producer.send(self.topic, value, key=key)
-        except Exception as exc:
-            self._fail(exc)
-        self.pending.append((kind, future))
+        self.pending.append(OutputRecord(self.topic, key, value, kind))
         if len(self.pending) >= PENDING_MAX:
             await self.flush()
 
     async def flush(self) -> None:
-        """Wait for the acknowledgements (acks=all) of everything sent so far."""
-        pending, self.pending = self.pending, []
-        if not pending:
+        """Send what is pending and wait for every acknowledgement (acks=all)."""
+        records, self.pending = self.pending, []
+        if not records or self.publisher is None:
             return
+        sent = await self.publisher.send_all(records)
         try:
-            # asyncio.timeout, not wait_for (which can swallow a cancellation on Python 3.11)
-            async with asyncio.timeout(self.delivery_timeout_s):
-                results = await asyncio.gather(*(f for _, f in pending), return_exceptions=True)
-        except TimeoutError as exc:
-            self._fail(exc)
-        failure: BaseException | None = None
-        for (kind, _), result in zip(pending, results, strict=True):
-            if isinstance(result, BaseException):
-                failure = failure or result
-            else:
-                self._acknowledged(kind)
-        if failure is not None:
-            self._fail(failure)
+            await self.publisher.confirm(sent)
+        except DeliveryFailed as exc:
+            # count the first attempts that were acknowledged: a lower bound when retries ran
+            for record, future in zip(records, sent.futures, strict=True):
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    self._acknowledged(record.kind)
+            raise ReplayError(
+                f"publishing to {self.topic!r} failed ({exc}) after at least "
+                f"{self.report.replayed} message(s) were acknowledged; a new replay publishes "
+                "those again",
+                self.report,
+            ) from exc
+        for record in records:
+            self._acknowledged(record.kind)
 
     def _acknowledged(self, kind: str) -> None:
         self.report.replayed += 1
         self.report.kind(kind).replayed += 1
-
-    def _fail(self, cause: BaseException) -> NoReturn:
-        for _, future in self.pending:
-            future.cancel()
-        reason = (
-            f"no acknowledgement within {self.delivery_timeout_s:.0f}s"
-            if isinstance(cause, TimeoutError)
-            else f"{type(cause).__name__}: {cause}"
-        )
-        raise ReplayError(
-            f"publishing to {self.topic!r} failed ({reason}) after {self.report.replayed} "
-            "message(s) were acknowledged; a new replay publishes those again",
-            self.report,
-        ) from cause
 
 
 async def _start(client: AIOKafkaConsumer | AIOKafkaProducer, settings: WorkerSettings) -> None:
