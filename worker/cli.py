@@ -491,8 +491,8 @@ def evaluate(
 
     from rich.progress import Progress
 
+    from worker.inference.engine import EngineConfig, engine_precision
     from worker.inference.loading import load_classifier
-    from worker.inference.precision import resolve_precision
     from worker.training.evaluation import predict_texts
     from worker.training.goemotions import read_label_names, read_tsv
     from worker.training.plots import (
@@ -551,7 +551,11 @@ def evaluate(
         "revision": classifier.revision,
         "n_samples": n,
         "mc_mode": settings.model.mc_mode,
-        "precision": resolve_precision(settings.model.precision, classifier.device),
+        "precision": engine_precision(
+            classifier,
+            EngineConfig(precision=settings.model.precision),
+            settings.model.mc_mode,
+        ),
     }
     report["data"] = str(data)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -37,7 +37,7 @@ from scipy.stats import spearmanr
 from worker.inference.dropout import set_mc_dropout
 from worker.inference.engine import EngineConfig, McDropoutEngine, pad
 from worker.inference.loading import Classifier
-from worker.inference.precision import native_bf16
+from worker.inference.precision import Precision, native_bf16
 from worker.inference.uncertainty import McAccumulator, McSummary
 from worker.routing.policy import review_scores
 from worker.training.evaluation import concat_summaries
@@ -184,7 +184,7 @@ def run_inference_bench(
         f"in the first {speed_posts}; N = {n_samples}"
     )
 
-    def full(seed: int, precision: str = "fp32") -> McSummary:
+    def full(seed: int, precision: Precision = "fp32") -> McSummary:
         config = _with(full_config, seed=seed, n_samples=n_samples, precision=precision)
         return engine_run(classifier, tokens, config)
 

@@ -28,9 +28,8 @@ from worker.bench.streaming import (
     post_messages,
     saturated_throughput,
 )
-from worker.inference.engine import EngineConfig, McMode
+from worker.inference.engine import EngineConfig, McMode, engine_precision
 from worker.inference.loading import Classifier, load_classifier
-from worker.inference.precision import resolve_precision
 from worker.settings import ModelSettings
 from worker.training.goemotions import GOEMOTIONS_LABELS, read_tsv
 
@@ -207,7 +206,7 @@ async def streaming_benches(
         raw = (raw_before + raw_after) / 2
         out["pipeline"] = {
             "mc_mode": mode,
-            "precision": resolve_precision("auto", classifier.device),
+            "precision": engine_precision(classifier, config, mode),
             "posts": n_pipe,
             "raw_inference_posts_per_s": raw,
             "raw_inference_before_after": [raw_before, raw_after],

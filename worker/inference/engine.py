@@ -41,7 +41,7 @@ from torch import nn
 from worker.inference.dropout import set_mc_dropout
 from worker.inference.fast_dropout import install_fast_dropout
 from worker.inference.loading import Classifier
-from worker.inference.precision import autocast, resolve_precision
+from worker.inference.precision import Precision, autocast, resolve_precision
 from worker.inference.uncertainty import McAccumulator, McSummary
 
 McMode = Literal["full", "fast", "off"]
@@ -59,7 +59,7 @@ class EngineConfig:
     z: float = 3.0  # fast mode: more samples while |mean - t| < z * standard error
     watch_top_share: float = 0.2  # fast mode: the batch's most uncertain share samples fully
     int8: bool = False  # fast mode: dynamically quantised linear layers on the CPU (unfaithful)
-    precision: str = "auto"  # auto, fp32, bf16, fp16 (see precision.py)
+    precision: Precision = "auto"  # see precision.py
 
 
 def pad(
@@ -95,18 +95,12 @@ class McDropoutEngine:
         self.config = config
         self.mode: McMode = config.mode if classifier.supports_mc else "off"
         self.thresholds = torch.as_tensor(classifier.thresholds, dtype=torch.float64)
-        on_cpu = classifier.device.type == "cpu"
-        if on_cpu and config.fast_dropout and self.mode != "off":
+        if classifier.device.type == "cpu" and config.fast_dropout and self.mode != "off":
             install_fast_dropout(classifier.model)
-        self.precision = (
-            resolve_precision(config.precision, classifier.device)
-            if _has_float_parameters(classifier.model)
-            else "fp32"  # e.g. an ONNX classifier: torch only moves its inputs
-        )
+        self.precision = engine_precision(classifier, config, self.mode)
         self.sampling_model: nn.Module = classifier.model
-        if on_cpu and self.mode == "fast" and config.int8:
+        if uses_int8(classifier, config, self.mode):
             self.sampling_model = int8_copy(classifier.model)
-            self.precision = "fp32"  # the int8 layers take float32 inputs
 
     @property
     def n_samples(self) -> int:
@@ -194,8 +188,18 @@ class McDropoutEngine:
                 remaining -= k
 
 
-def _has_float_parameters(model: nn.Module) -> bool:
-    return any(p.is_floating_point() for p in model.parameters())
+def uses_int8(classifier: Classifier, config: EngineConfig, mode: McMode) -> bool:
+    """Whether the engine samples from the int8 copy (fast mode on the CPU, when asked)."""
+    return classifier.device.type == "cpu" and mode == "fast" and config.int8
+
+
+def engine_precision(classifier: Classifier, config: EngineConfig, mode: McMode) -> str:
+    """The precision an engine with ``config`` really runs at (reports quote this one)."""
+    if not any(p.is_floating_point() for p in classifier.model.parameters()):
+        return "fp32"  # e.g. an ONNX classifier: torch only moves its inputs
+    if uses_int8(classifier, config, mode):
+        return "fp32"  # the int8 layers take float32 inputs
+    return resolve_precision(config.precision, classifier.device)
 
 
 _INT8_COPIES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()

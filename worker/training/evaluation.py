@@ -9,6 +9,7 @@ import numpy as np
 
 from worker.inference.engine import EngineConfig, McDropoutEngine, McMode
 from worker.inference.loading import Classifier
+from worker.inference.precision import Precision
 from worker.inference.uncertainty import McSummary
 from worker.training.metrics import binarize, macro_f1, split_half_macro_f1, tune_thresholds
 
@@ -25,7 +26,7 @@ def predict_texts(
     mode: McMode = "full",
     seed: int | None = 0,
     batch_size: int = 256,
-    precision: str = "auto",
+    precision: Precision = "auto",
     progress: Callable[[int], Any] | None = None,
     engine_config: EngineConfig | None = None,
 ) -> McSummary:
