@@ -71,3 +71,35 @@ def test_mc_statistics_match_pytorch_dropout(test_model_dir) -> None:
     assert (np.abs(a.mean - b.mean) <= bound).mean() > 0.99
     ratio = b.std.mean() / a.std.mean()
     assert 0.9 < ratio < 1.1, ratio
+
+
+def test_masks_do_not_depend_on_the_dtype() -> None:
+    """The same seed drops the same elements in float32, bfloat16, float16 and float64: a seeded
+    bf16 run samples the same sub-networks as an fp32 one."""
+    x = torch.rand(257, 33) + 0.5  # no zeros of its own
+    dropped = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        torch.manual_seed(11)
+        y = fast_dropout(x.to(dtype), 0.1)
+        assert y.dtype == dtype and y.shape == x.shape
+        dropped[dtype] = y == 0
+        kept = y != 0
+        scale = 1 / (1 - 3277 / 32768)
+        torch.testing.assert_close(
+            y[kept].double(), (x.to(dtype)[kept].double() * scale), rtol=1e-2, atol=0
+        )
+    reference = dropped[torch.float32]
+    assert 0.08 < reference.double().mean().item() < 0.12
+    for mask in dropped.values():
+        assert torch.equal(mask, reference)
+
+
+def test_non_contiguous_input_and_the_input_is_left_alone() -> None:
+    x = torch.rand(6, 40, 12).transpose(0, 2) + 0.5
+    before = x.clone()
+    torch.manual_seed(3)
+    y = fast_dropout(x, 0.25)
+    assert torch.equal(x, before)
+    assert y.shape == x.shape
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / (1 - 8192 / 32768))

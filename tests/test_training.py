@@ -29,9 +29,13 @@ from worker.training.report import per_post_f1, predicted_sets, risk_coverage, t
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "goemotions"
 # Dev macro-F1 of the shipped bundle on the first 500 dev posts (MC mean, N = 10, the bundle's
-# thresholds): 0.552 with seed 0 and 0.543 with seed 1 when the bundle was committed (optimistic:
-# the thresholds were tuned on dev). The floor leaves room for MC noise (about 0.01) only.
-DEFAULT_BUNDLE_FLOOR = 0.52
+# thresholds, which were tuned on dev: optimistic). Measured with the current dropout masks, seeds
+# 0-5: 0.506-0.521 (mean 0.513); with PyTorch's own dropout, seeds 0-2: 0.500-0.515. (The 0.552
+# and 0.543 quoted when the bundle was committed were seeds 0 and 1 of the earlier mask stream,
+# whose draws the thresholds had been tuned on; its seeds 2, 5, 6, 7 gave 0.508-0.529.) The floor
+# sits four standard deviations of that seed-to-seed spread below the mean: a broken bundle or
+# engine lands far lower.
+DEFAULT_BUNDLE_FLOOR = 0.49
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

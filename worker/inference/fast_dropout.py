@@ -3,11 +3,23 @@
 On the CPU, ``torch.nn.functional.dropout`` draws one random number per element and costs as
 much as the matmul next to it (measured: a 4096x1536 mask took 55-80 ms against 60 ms for the
 4096x384x1536 matmul, one thread). MC Dropout runs dropout on every pass, so this is a large share
-of its cost. Here a mask is cut from random 64-bit words instead: each word gives four 16-bit
-lanes, and a lane is dropped when it falls below ``round(p * 65536)`` out of 65536 — a Bernoulli
-draw with probability p rounded to 1/65536 (for p = 0.1: 0.100006). Kept elements are scaled by
-1 / (1 - p') with the rounded p', so the layer stays unbiased. The same global torch generator
-drives it, so ``torch.manual_seed`` still makes runs reproducible.
+of its cost. Here a mask costs a few vectorised integer operations:
+
+1. **random lanes**: 64-bit words from numpy's SFC64 generator (2.3x faster than torch's
+   Mersenne Twister ``random_`` on the same words here), seeded by one draw from torch's global
+   generator per mask, so ``torch.manual_seed`` still makes runs reproducible; each word gives
+   four 16-bit lanes, one per element;
+2. **keep bits**: an element is dropped when its lane's low 15 bits fall below
+   ``round(p * 32768)`` — a Bernoulli draw with probability p rounded to 1/32768 (for p = 0.1:
+   0.100006). ``(threshold - 1 - low15) >> 15`` turns each lane into all-ones (keep) or zero
+   (drop) without a boolean mask;
+3. **apply**: a bitwise AND of the element's integer view with the keep bits (dropped elements
+   become +0.0), then kept elements are scaled by 1 / (1 - p') with the rounded p', so the
+   layer stays unbiased. Measured on a 1024x384 bfloat16 tensor: 0.12 ms against 0.6 ms for
+   compare + ``masked_fill_`` (which PyTorch does not vectorise).
+
+The lanes do not depend on the tensor's dtype, so a seeded bfloat16 run drops the same elements
+as a float32 one.
 
 Two places get it:
 
@@ -24,35 +36,64 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-LANES = 65536
+LANE_BITS = 15
+LANES = 1 << LANE_BITS  # a lane's low 15 bits: p is rounded to 1/32768
 ATTENTION_IMPLEMENTATION = "emoworker_mc"
+INTEGER_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # by element size
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
-    """A boolean mask that is True with probability 1 - round(p * 65536) / 65536."""
+def dropped_share(p: float) -> float:
+    """The dropout rate the masks really apply: ``p`` rounded to 1/32768."""
+    return round(p * LANES) / LANES
+
+
+def random_lanes(numel: int) -> torch.Tensor:
+    """``numel`` random 16-bit lanes (int16), seeded from torch's global generator."""
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    words = np.random.SFC64(seed).random_raw((numel + 3) // 4)
+    return torch.from_numpy(words.view(np.int16)[:numel])
+
+
+def keep_bits(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
+    """int16 of ``shape``: -1 (all bits set) where an element is kept, 0 where it is dropped."""
     numel = 1
     for size in shape:
         numel *= size
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(2**63), 2**63 - 1)
-    lanes = words.view(torch.int16)[:numel].view(shape)
-    return lanes >= (-32768 + round(p * LANES))
+    threshold = round(p * LANES) - 1  # lanes whose low 15 bits are <= threshold are dropped
+    lanes = random_lanes(numel)
+    return (
+        lanes.bitwise_and_(LANES - 1)
+        .neg_()
+        .add_(threshold)
+        .bitwise_right_shift_(LANE_BITS)
+        .view(shape)
+    )
+
+
+def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """A boolean mask that is True with probability 1 - round(p * 32768) / 32768."""
+    return (keep_bits(shape, p) != 0).to(device)
 
 
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout with masks from random words (CPU); PyTorch's own elsewhere."""
+    """Dropout with masks from random lanes and bit operations (CPU); PyTorch's own elsewhere."""
     if p <= 0.0:
         return x
-    if x.device.type != "cpu":
+    integer = INTEGER_VIEWS.get(x.element_size()) if x.is_floating_point() else None
+    if x.device.type != "cpu" or integer is None:
         return nn.functional.dropout(x, p, training=True)
-    dropped = round(p * LANES) / LANES
+    dropped = dropped_share(p)
     if dropped >= 1.0:
         return torch.zeros_like(x)
-    mask = keep_mask(x.shape, p, x.device)
-    return (x * (1.0 / (1.0 - dropped))).masked_fill_(~mask, 0.0)
+    bits = keep_bits(x.shape, p)
+    if integer is not torch.int16:
+        bits = bits.to(integer)  # sign extension keeps -1 all ones
+    kept = torch.bitwise_and(x.view(integer), bits).view(x.dtype)
+    return kept.mul_(1.0 / (1.0 - dropped))
 
 
 class FastDropout(nn.Dropout):
