@@ -74,3 +74,36 @@ def test_int8_fast_mode_stays_fp32(test_model_dir: Path) -> None:
     classifier = load_classifier(ModelSettings(path=str(test_model_dir), device="cpu"))
     config = EngineConfig(n_samples=4, mode="fast", int8=True, precision="bf16")
     assert McDropoutEngine(classifier, config).precision == "fp32"
+
+
+def test_low_precision_copy_computes_what_autocast_does(test_model_dir: Path) -> None:
+    """The engine's 16-bit copy (linear weights stored in bf16) gives exactly the numbers of the
+    original model under autocast, shares every other parameter, and is made once."""
+    from torch import nn
+
+    from worker.inference.engine import low_precision_copy
+
+    classifier = load_classifier(ModelSettings(path=str(test_model_dir), device="cpu"))
+    engine = McDropoutEngine(classifier, EngineConfig(n_samples=6, seed=9, precision="bf16"))
+    twin = engine.sampling_model
+    assert twin is not classifier.model
+    assert twin is low_precision_copy(classifier.model, torch.bfloat16)
+    linear = [m for m in twin.modules() if isinstance(m, nn.Linear)]
+    assert linear and all(m.weight.dtype == torch.bfloat16 for m in linear)
+    assert all(p.dtype == torch.float32 for p in classifier.model.parameters())
+    original_ids = {id(p) for p in classifier.model.parameters()}
+    shared = [p for p in twin.parameters() if id(p) in original_ids]
+    assert shared and all(p.dtype == torch.float32 for p in shared)  # embeddings, norms
+
+    tokens = classifier.tokenize(EXAMPLE_TEXTS)
+    with_copy = engine.predict(tokens)
+    engine.sampling_model = classifier.model  # autocast casts the float32 weights each call
+    without = engine.predict(tokens)
+    np.testing.assert_array_equal(with_copy.mean, without.mean)
+    np.testing.assert_array_equal(with_copy.std, without.std)
+
+
+def test_float32_engines_use_the_model_itself(test_model_dir: Path) -> None:
+    classifier = load_classifier(ModelSettings(path=str(test_model_dir), device="cpu"))
+    engine = McDropoutEngine(classifier, EngineConfig(n_samples=2, precision="fp32"))
+    assert engine.sampling_model is classifier.model
