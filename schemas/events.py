@@ -34,9 +34,17 @@ def visible_text(text: str) -> str:
 
     A post whose text has nothing left is blank: there is nothing to classify.
     """
-    return "".join(
-        ch for ch in text if not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf")
-    )
+    return "".join(ch for ch in text if _visible(ch))
+
+
+def _visible(ch: str) -> bool:
+    return not ch.isspace() and unicodedata.category(ch) not in ("Cc", "Cf")
+
+
+def has_visible_text(text: str) -> bool:
+    """Whether ``visible_text(text)`` is not empty; stops at the first visible character (the
+    check runs on every consumed post)."""
+    return any(_visible(ch) for ch in text)
 
 
 def check_schema_version(value: str) -> str:
@@ -85,14 +93,14 @@ class SocialPost(BaseModel):
     @field_validator("id")
     @classmethod
     def _id_not_blank(cls, value: str) -> str:
-        if not visible_text(value):
+        if not has_visible_text(value):
             raise PydanticCustomError("blank_id", "id must hold visible characters")
         return value
 
     @field_validator("text")
     @classmethod
     def _text_not_blank(cls, value: str) -> str:
-        if not visible_text(value):
+        if not has_visible_text(value):
             raise PydanticCustomError(
                 "blank_text", "text is empty or holds only white space or invisible characters"
             )
