@@ -317,3 +317,37 @@ def test_hand_built_low_confidence_neutral_rule() -> None:
     assert [r.enriched["predicted_labels"] for r in routed] == [["neutral"], ["neutral"]]
     assert [r.enriched["needs_review"] for r in routed] == [True, False]
     assert [x["rule"] for x in routed[0].enriched["review_reasons"]] == ["low_confidence_neutral"]
+
+
+def test_batch_predicted_sets_match_the_per_post_rule() -> None:
+    from worker.routing.router import predicted_label_lists
+
+    rng = np.random.default_rng(4)
+    mean = rng.random((300, 3))
+    mean[:50] = np.round(mean[:50], 1)  # ties
+    mean[50:60] = 0.05  # nothing above: the most probable label alone
+    batch = predicted_label_lists(mean, THRESHOLDS)
+    assert batch == [predicted_label_indices(row, THRESHOLDS) for row in mean]
+    assert predicted_label_lists(np.zeros((0, 3)), THRESHOLDS) == []
+
+
+def test_decide_all_matches_deciding_post_by_post() -> None:
+    """Skipping the ambiguous-label search for posts the batch check clears changes nothing."""
+    rng = np.random.default_rng(5)
+    samples = rng.beta(2, 3, size=(6, 200, 3))  # (S, B, L): wide spread, many ambiguous labels
+    summary = summarise_samples(samples, THRESHOLDS)
+    predicted = [predicted_label_indices(row, THRESHOLDS) for row in summary.mean]
+    scores = expected_risk(summary.mean, THRESHOLDS)
+    batch = hand_router(target_rate=0.2).policy.decide_all(summary, predicted, scores)
+    one_by_one_policy = hand_router(target_rate=0.2).policy
+    one_by_one = [
+        one_by_one_policy.decide(summary, i, predicted[i], float(scores[i])) for i in range(200)
+    ]
+    ambiguous = hand_router().policy.ambiguous_rows(summary)
+    assert 0 < ambiguous.sum() < 200
+
+    def plain(d: Any) -> tuple[Any, ...]:
+        return d.score, d.routed, d.priority, [r.model_dump() for r in d.reasons]
+
+    assert [plain(d) for d in batch] == [plain(d) for d in one_by_one]
+    assert sum(d.routed for d in batch) > 0

@@ -339,16 +339,29 @@ class ReviewPolicy:
             )
         return reasons
 
+    def ambiguous_rows(self, summary: McSummary) -> np.ndarray:
+        """(B,) whether a post has a label within ``band_sigmas`` std of its threshold."""
+        std = np.asarray(summary.std, dtype=np.float64)
+        distance = np.abs(np.asarray(summary.mean, dtype=np.float64) - self.thresholds)
+        return np.asarray(((std > 0) & (distance < self.config.band_sigmas * std)).any(axis=1))
+
     def rules(
-        self, summary: McSummary, i: int, predicted: list[int], score: float
+        self,
+        summary: McSummary,
+        i: int,
+        predicted: list[int],
+        score: float,
+        ambiguous: bool = True,
     ) -> tuple[list[ReviewReason], bool]:
-        """Reasons that apply to post ``i``, and whether one of them forces routing."""
+        """Reasons that apply to post ``i``, and whether one of them forces routing.
+        ``ambiguous=False`` (from ``ambiguous_rows``) skips the search for ambiguous labels."""
         c = self.config
         mean, std = summary.mean[i], summary.std[i]
         sampled = bool(summary.n_samples[i] > 1)
         reasons: list[ReviewReason] = []
         if sampled:
-            reasons += self._ambiguous(mean, std)
+            if ambiguous:
+                reasons += self._ambiguous(mean, std)
             mi = float(summary.mutual_information[i])
             if c.epistemic_cut is not None and mi > c.epistemic_cut:
                 reasons.append(
@@ -383,10 +396,25 @@ class ReviewPolicy:
         forced = bool(watch) or (not self.budget.enabled and bool(reasons))
         return reasons, forced
 
+    def decide_all(
+        self, summary: McSummary, predicted: list[list[int]], scores: np.ndarray
+    ) -> list[ReviewDecision]:
+        """``decide`` for every post of a batch, in order (the budget sees them in order)."""
+        ambiguous = self.ambiguous_rows(summary).tolist() if len(predicted) else []
+        return [
+            self.decide(summary, i, labels, float(scores[i]), ambiguous=ambiguous[i])
+            for i, labels in enumerate(predicted)
+        ]
+
     def decide(
-        self, summary: McSummary, i: int, predicted: list[int], score: float
+        self,
+        summary: McSummary,
+        i: int,
+        predicted: list[int],
+        score: float,
+        ambiguous: bool = True,
     ) -> ReviewDecision:
-        reasons, forced = self.rules(summary, i, predicted, score)
+        reasons, forced = self.rules(summary, i, predicted, score, ambiguous)
         verdict: BudgetDecision = self.budget.decide(score, forced=forced)
         if verdict.routed and not forced:
             warming = (

@@ -45,6 +45,20 @@ def predicted_label_indices(mean: np.ndarray, thresholds: np.ndarray) -> list[in
     return [int(j) for j in above[np.argsort(-mean[above])]]
 
 
+def predicted_label_lists(mean: np.ndarray, thresholds: np.ndarray) -> list[list[int]]:
+    """``predicted_label_indices`` for every row of ``mean`` (B, L), for the whole batch at once."""
+    mean = np.asarray(mean, dtype=np.float64)
+    if mean.size == 0:
+        return [[] for _ in range(len(mean))]
+    above = (mean >= thresholds).tolist()
+    order = np.argsort(-mean, axis=1, kind="stable").tolist()
+    top = np.argmax(mean, axis=1).tolist()
+    return [
+        [j for j in row_order if row_above[j]] or [best]
+        for row_order, row_above, best in zip(order, above, top, strict=True)
+    ]
+
+
 def _r(x: float, digits: int = 6) -> float:
     return round(float(x), digits)
 
@@ -72,51 +86,67 @@ class Router:
     ) -> list[RoutedPost]:
         scores = self.policy.scores(summary)
         processed_at = now_rfc3339()
-        # rounded once per batch as whole arrays: per-element round() dominated the routing cost
+        # per-batch numpy work, then plain Python per post: per-post numpy calls and per-element
+        # round() dominated the routing cost
         means = np.round(np.asarray(summary.mean, dtype=np.float64), 6).tolist()
         stds = np.round(np.asarray(summary.std, dtype=np.float64), 6).tolist()
         flip_rates = np.round(np.asarray(summary.flip_rate, dtype=np.float64), 4).tolist()
         thresholds = np.round(self.thresholds, 4).tolist()
+        predicted_lists = predicted_label_lists(summary.mean, self.thresholds)
+        decisions = self.policy.decide_all(summary, predicted_lists, scores)
+        sampled_posts = (np.asarray(summary.n_samples) > 1).tolist()
+        n_samples = np.asarray(summary.n_samples).astype(int).tolist()
+        top_labels = np.argmax(summary.mean, axis=1).tolist() if len(posts) else []
+        rounded = {
+            name: np.round(np.asarray(values, dtype=np.float64), digits).tolist()
+            for name, values, digits in (
+                ("predictive_entropy", summary.predictive_entropy, 6),
+                ("expected_entropy", summary.expected_entropy, 6),
+                ("mutual_information", summary.mutual_information, 6),
+                ("max_flip_rate", np.max(summary.flip_rate, axis=1) if len(posts) else [], 4),
+            )
+        }
+        names = self.label_names
         out: list[RoutedPost] = []
         for i, post in enumerate(posts):
-            mean, flips = summary.mean[i], summary.flip_rate[i]
-            sampled = bool(summary.n_samples[i] > 1)
-            predicted = predicted_label_indices(mean, self.thresholds)
+            sampled = sampled_posts[i]
+            predicted = predicted_lists[i]
             chosen = set(predicted)
-            mean_i, std_i, flips_i = means[i], stds[i], flip_rates[i]
             emotions = [
                 {
                     "label": name,
-                    "probability": mean_i[j],
-                    "uncertainty": std_i[j] if sampled else None,
-                    "threshold": thresholds[j],
+                    "probability": m,
+                    "uncertainty": s if sampled else None,
+                    "threshold": t,
                     "predicted": j in chosen,
-                    "flip_rate": flips_i[j] if sampled else None,
+                    "flip_rate": f if sampled else None,
                 }
-                for j, name in enumerate(self.label_names)
+                for j, (name, m, s, t, f) in enumerate(
+                    zip(names, means[i], stds[i], thresholds, flip_rates[i], strict=True)
+                )
             ]
-            decision = self.policy.decide(summary, i, predicted, float(scores[i]))
+            decision = decisions[i]
             # a score that needs MC spread (threshold distance, mutual information) means nothing
             # for one deterministic pass: null then; expected risk and entropy are always defined
             scored = sampled or not self.policy.score_needs_samples
             uncertainty = {
-                "predictive_entropy": _r(summary.predictive_entropy[i]),
-                "expected_entropy": _r(summary.expected_entropy[i]) if sampled else None,
-                "mutual_information": _r(summary.mutual_information[i]) if sampled else None,
+                "predictive_entropy": rounded["predictive_entropy"][i],
+                "expected_entropy": rounded["expected_entropy"][i] if sampled else None,
+                "mutual_information": rounded["mutual_information"][i] if sampled else None,
                 "review_score": _r(decision.score) if scored else None,
-                "max_flip_rate": _r(flips.max(), 4) if sampled else None,
-                "n_samples": int(summary.n_samples[i]),
+                "max_flip_rate": rounded["max_flip_rate"][i] if sampled else None,
+                "n_samples": n_samples[i],
             }
             reasons = [r.model_dump(mode="json") for r in decision.reasons]
             post_dict = post.model_dump(mode="json")
-            labels = [self.label_names[j] for j in predicted]
+            labels = [names[j] for j in predicted]
             enriched = {
                 "schema_version": SCHEMA_VERSION,
                 "id": post.id,
                 "post": post_dict,
                 "emotions": emotions,
                 "predicted_labels": labels,
-                "top_label": self.label_names[int(np.argmax(mean))],
+                "top_label": names[top_labels[i]],
                 "uncertainty": uncertainty,
                 "needs_review": decision.routed,
                 "review_reasons": reasons,
