@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from texts import EXAMPLE_TEXTS
@@ -55,3 +56,39 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
     assert by_name["deterministic"]["mean_samples"] == 1.0
     assert 1.0 <= by_name["fast"]["mean_samples"] <= 4.0
     assert written["memory"]["peak_rss_mb"] > 0
+
+
+def test_transport_bench_counts_every_post_through_its_reader_process(
+    kafka: Any, test_model_dir: Path
+) -> None:
+    """The streaming benches' harness: the worker with the bench-only trivial inference, its
+    enriched topic read by a separate reader process that must see every post."""
+    import asyncio
+    import time
+
+    from worker.bench.streaming import (
+        TrivialInferenceProcessor,
+        bench_settings,
+        post_messages,
+        saturated_throughput,
+    )
+    from worker.inference.loading import load_classifier
+    from worker.settings import ModelSettings
+
+    classifier = load_classifier(ModelSettings(path=str(test_model_dir), device="cpu"))
+    messages = post_messages(list(EXAMPLE_TEXTS), repeat=300 // len(EXAMPLE_TEXTS) + 1)[:300]
+    settings = bench_settings(
+        kafka.bootstrap_servers, f"harness-{time.time_ns()}", batch_size=64
+    ).model_copy(update={"model": ModelSettings(path=str(test_model_dir), device="cpu")})
+    result = asyncio.run(
+        saturated_throughput(
+            settings,
+            classifier,
+            messages,
+            processor_factory=TrivialInferenceProcessor,
+            partitions=2,
+            timeout_s=120,
+        )  # fmt: skip
+    )
+    assert result["posts"] == 300
+    assert result["seconds"] > 0 and result["posts_per_s"] == pytest.approx(300 / result["seconds"])

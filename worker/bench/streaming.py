@@ -5,18 +5,19 @@
   a product path: it returns constant probabilities) — what Kafka I/O, decoding, routing and
   serialisation alone sustain;
 * latency: produce timestamp → enriched event timestamp, at a fixed input rate.
+
+The enriched topic is read by a separate process (``reader.py``), as a downstream consumer would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer
 
 from schemas import SocialPost
 from worker.inference.loading import Classifier
@@ -81,32 +82,31 @@ async def _prepare(settings: WorkerSettings, partitions: int) -> None:
     await ensure_topics(settings.kafka, [t.enriched, t.review, t.dead_letter], partitions)
 
 
-async def _count_enriched(
-    settings: WorkerSettings, expect: int, timeout_s: float, on_record: Callable[[Any], None]
-) -> float:
-    """Read the enriched topic until ``expect`` records; returns the time of the last one."""
-    consumer = AIOKafkaConsumer(
-        settings.topics.enriched,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
+async def start_reader(
+    settings: WorkerSettings, expect: int, timeout_s: float, latencies: bool = False
+) -> asyncio.subprocess.Process:
+    """The enriched-topic reader in its own process (``reader.py``: in this one it would compete
+    with the worker for the interpreter)."""
+    args = [settings.kafka.bootstrap_servers, settings.topics.enriched, str(expect), str(timeout_s)]
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker.bench.reader",
+        *args,
+        *(["--latencies"] if latencies else []),
+        stdout=asyncio.subprocess.PIPE,
     )
-    await consumer.start()
-    seen, last = 0, time.perf_counter()
-    deadline = time.monotonic() + timeout_s
-    try:
-        while seen < expect and time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
-            for records in batch.values():
-                for record in records:
-                    on_record(record)
-                seen += len(records)
-                last = time.perf_counter()
-    finally:
-        await consumer.stop()
-    if seen < expect:
-        raise TimeoutError(f"only {seen} of {expect} enriched events after {timeout_s}s")
-    return last
+
+
+async def reader_result(reader: asyncio.subprocess.Process, expect: int) -> dict[str, Any]:
+    """Waits for the reader; its count, the monotonic time of the last event, the latencies."""
+    out, _ = await reader.communicate()
+    if reader.returncode != 0:
+        raise RuntimeError(f"the bench reader failed (exit {reader.returncode})")
+    result: dict[str, Any] = orjson.loads(out)
+    if result["seen"] < expect:
+        raise TimeoutError(f"only {result['seen']} of {expect} enriched events arrived in time")
+    return result
 
 
 async def saturated_throughput(
@@ -121,17 +121,17 @@ async def saturated_throughput(
     await _prepare(settings, partitions)
     await feed_topic(settings.kafka, settings.topics.input, messages)
     pipeline = Pipeline(settings, classifier=classifier, processor_factory=processor_factory)
-    reader = asyncio.create_task(
-        _count_enriched(settings, len(messages), timeout_s, lambda _: None)
-    )
-    started = time.perf_counter()
+    reader = await start_reader(settings, len(messages), timeout_s)
+    started = time.monotonic()
     worker = asyncio.create_task(pipeline.run())
     while not pipeline.ready()[0] and not worker.done():  # noqa: ASYNC110 (no event to await)
         await asyncio.sleep(0.01)
-    ready = time.perf_counter()
+    ready = time.monotonic()
     try:
-        last = await reader
+        last = (await reader_result(reader, len(messages)))["last_monotonic"]
     finally:
+        if reader.returncode is None:
+            reader.kill()
         pipeline.request_stop()
         await worker
     # from partitions assigned to the last enriched event: excludes model load and group join
@@ -153,20 +153,16 @@ async def latency_at_rate(
     """Feed at ``rate`` posts/s; latency = enriched record time − input record time."""
     await _prepare(settings, partitions)
     pipeline = Pipeline(settings, classifier=classifier)
-    latencies: list[float] = []
-
-    def on_record(record: Any) -> None:
-        event = orjson.loads(record.value)
-        latencies.append((record.timestamp - event["source"]["timestamp_ms"]) / 1000)
-
     worker = asyncio.create_task(pipeline.run())
     while not pipeline.ready()[0]:  # noqa: ASYNC110 (the pipeline exposes no event for this)
         await asyncio.sleep(0.1)
-    reader = asyncio.create_task(_count_enriched(settings, len(messages), 600, on_record))
+    reader = await start_reader(settings, len(messages), 600, latencies=True)
     try:
         await feed_topic(settings.kafka, settings.topics.input, messages, rate=rate)
-        await reader
+        latencies = (await reader_result(reader, len(messages)))["latencies"]
     finally:
+        if reader.returncode is None:
+            reader.kill()
         pipeline.request_stop()
         await worker
     warm = np.asarray(latencies[len(latencies) // 10 :])  # skip the first tenth (warm-up)
