@@ -88,7 +88,7 @@ def test_transport_bench_counts_every_post_through_its_reader_process(
             processor_factory=TrivialInferenceProcessor,
             partitions=2,
             timeout_s=120,
-        )  # fmt: skip
+        )
     )
     assert result["posts"] == 300
     assert result["seconds"] > 0 and result["posts_per_s"] == pytest.approx(300 / result["seconds"])
