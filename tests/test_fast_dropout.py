@@ -103,3 +103,11 @@ def test_non_contiguous_input_and_the_input_is_left_alone() -> None:
     assert y.shape == x.shape
     kept = y != 0
     torch.testing.assert_close(y[kept], x[kept] / (1 - 8192 / 32768))
+
+
+def test_gradients_still_flow_where_they_are_asked_for() -> None:
+    x = torch.ones(50, 20, requires_grad=True)
+    y = fast_dropout(x, 0.2)
+    y.sum().backward()
+    assert x.grad is not None
+    assert torch.equal(x.grad == 0, y.detach() == 0)  # dropped elements get no gradient

@@ -80,11 +80,13 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.devic
 
 
 def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Dropout with masks from random lanes and bit operations (CPU); PyTorch's own elsewhere."""
+    """Dropout with masks from random lanes and bit operations (CPU); PyTorch's own elsewhere
+    and when gradients flow through ``x`` (the bit operations are not differentiable)."""
     if p <= 0.0:
         return x
     integer = INTEGER_VIEWS.get(x.element_size()) if x.is_floating_point() else None
-    if x.device.type != "cpu" or integer is None:
+    differentiable = x.requires_grad and torch.is_grad_enabled()  # bit operations have no grad
+    if x.device.type != "cpu" or integer is None or differentiable:
         return nn.functional.dropout(x, p, training=True)
     dropped = dropped_share(p)
     if dropped >= 1.0:
