@@ -111,3 +111,28 @@ def test_gradients_still_flow_where_they_are_asked_for() -> None:
     y.sum().backward()
     assert x.grad is not None
     assert torch.equal(x.grad == 0, y.detach() == 0)  # dropped elements get no gradient
+
+
+def test_mc_attention_softmax_is_float32_under_bf16_autocast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The sampled attention keeps its softmax in float32 when the matmuls run in bfloat16, and
+    its output goes back to the matmul precision."""
+    from worker.inference import fast_dropout as module
+
+    seen: list[tuple[torch.dtype, torch.dtype | None]] = []
+    real_softmax = torch.softmax
+
+    def recording_softmax(
+        x: torch.Tensor, dim: int, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        seen.append((x.dtype, dtype))
+        return real_softmax(x, dim=dim, dtype=dtype)
+
+    monkeypatch.setattr(module.torch, "softmax", recording_softmax)
+    q, k, v = (torch.randn(2, 4, 7, 8) for _ in range(3))
+    mask = torch.ones(2, 1, 7, 7, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, _ = module.mc_attention(nn.Module(), q, k, v, mask, dropout=0.1)
+    assert seen == [(torch.bfloat16, torch.float32)]
+    assert output.shape == (2, 7, 4, 8) and output.dtype == torch.bfloat16
