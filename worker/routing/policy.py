@@ -165,7 +165,7 @@ class ReviewDecision:
 
 def predicted_mask(mean: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """(B, L) labels at or above their threshold; a post with none gets its most probable label
-    (the same sets as ``router.predicted_label_indices``)."""
+    (``router.predicted_label_lists`` orders them)."""
     predicted = mean >= thresholds
     none = ~predicted.any(axis=1)
     if none.any():
@@ -285,11 +285,15 @@ class ReviewPolicy:
     def scores(self, summary: McSummary) -> np.ndarray:
         return review_scores(self.config.score, summary, self.thresholds)
 
+    def _near_threshold(self, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+        """Labels (last axis) whose mean is within ``band_sigmas`` std of their threshold."""
+        return (std > 0) & (np.abs(mean - self.thresholds) < self.config.band_sigmas * std)
+
     def _ambiguous(self, mean: np.ndarray, std: np.ndarray) -> list[ReviewReason]:
         band = self.config.band_sigmas
-        distance = np.abs(mean - self.thresholds)
-        ambiguous = np.flatnonzero((std > 0) & (distance < band * std))
-        closest = ambiguous[np.argsort(distance[ambiguous] / std[ambiguous], kind="stable")]
+        ambiguous = np.flatnonzero(self._near_threshold(mean, std))
+        distance = np.abs(mean[ambiguous] - self.thresholds[ambiguous])
+        closest = ambiguous[np.argsort(distance / std[ambiguous], kind="stable")]
         return [
             ReviewReason(
                 rule="ambiguous_label",
@@ -341,9 +345,9 @@ class ReviewPolicy:
 
     def ambiguous_rows(self, summary: McSummary) -> np.ndarray:
         """(B,) whether a post has a label within ``band_sigmas`` std of its threshold."""
+        mean = np.asarray(summary.mean, dtype=np.float64)
         std = np.asarray(summary.std, dtype=np.float64)
-        distance = np.abs(np.asarray(summary.mean, dtype=np.float64) - self.thresholds)
-        return np.asarray(((std > 0) & (distance < self.config.band_sigmas * std)).any(axis=1))
+        return np.asarray(self._near_threshold(mean, std).any(axis=1))
 
     def rules(
         self,

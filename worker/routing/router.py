@@ -17,7 +17,7 @@ import orjson
 
 from schemas import SCHEMA_VERSION, SocialPost
 from worker.inference.uncertainty import McSummary
-from worker.routing.policy import ReviewPolicy
+from worker.routing.policy import ReviewPolicy, predicted_mask
 
 
 @dataclass
@@ -38,25 +38,24 @@ def now_rfc3339() -> str:
 
 
 def predicted_label_indices(mean: np.ndarray, thresholds: np.ndarray) -> list[int]:
-    """Labels at or above their threshold, most probable first; never empty."""
-    above = np.flatnonzero(mean >= thresholds)
-    if len(above) == 0:
-        return [int(np.argmax(mean))]
-    return [int(j) for j in above[np.argsort(-mean[above])]]
+    """One post's predicted labels (see ``predicted_label_lists``)."""
+    return predicted_label_lists(np.asarray(mean)[None, :], thresholds)[0]
 
 
 def predicted_label_lists(mean: np.ndarray, thresholds: np.ndarray) -> list[list[int]]:
-    """``predicted_label_indices`` for every row of ``mean`` (B, L), for the whole batch at once."""
+    """Per row of ``mean`` (B, L), the predicted labels (``policy.predicted_mask``: at or above
+    their threshold, else the most probable one), most probable first; never empty."""
     mean = np.asarray(mean, dtype=np.float64)
     if mean.size == 0:
         return [[] for _ in range(len(mean))]
-    above = (mean >= thresholds).tolist()
+    chosen = predicted_mask(mean, np.asarray(thresholds, dtype=np.float64)).tolist()
     order = np.argsort(-mean, axis=1, kind="stable").tolist()
-    top = np.argmax(mean, axis=1).tolist()
-    return [
-        [j for j in row_order if row_above[j]] or [best]
-        for row_order, row_above, best in zip(order, above, top, strict=True)
-    ]
+    return [[j for j in row_order if row[j]] for row_order, row in zip(order, chosen, strict=True)]
+
+
+def _rounded(values: Any, digits: int) -> list[Any]:
+    """An array rounded as a whole, as Python numbers (per-element round() dominated routing)."""
+    return list(np.round(np.asarray(values, dtype=np.float64), digits).tolist())
 
 
 def _r(x: float, digits: int = 6) -> float:
@@ -88,24 +87,20 @@ class Router:
         processed_at = now_rfc3339()
         # per-batch numpy work, then plain Python per post: per-post numpy calls and per-element
         # round() dominated the routing cost
-        means = np.round(np.asarray(summary.mean, dtype=np.float64), 6).tolist()
-        stds = np.round(np.asarray(summary.std, dtype=np.float64), 6).tolist()
-        flip_rates = np.round(np.asarray(summary.flip_rate, dtype=np.float64), 4).tolist()
-        thresholds = np.round(self.thresholds, 4).tolist()
+        means, stds = _rounded(summary.mean, 6), _rounded(summary.std, 6)
+        flip_rates, max_flip_rates = (
+            _rounded(summary.flip_rate, 4),
+            _rounded(np.max(summary.flip_rate, axis=1), 4),
+        )
+        thresholds = _rounded(self.thresholds, 4)
+        predictive_entropy = _rounded(summary.predictive_entropy, 6)
+        expected_entropy = _rounded(summary.expected_entropy, 6)
+        mutual_information = _rounded(summary.mutual_information, 6)
         predicted_lists = predicted_label_lists(summary.mean, self.thresholds)
         decisions = self.policy.decide_all(summary, predicted_lists, scores)
         sampled_posts = (np.asarray(summary.n_samples) > 1).tolist()
         n_samples = np.asarray(summary.n_samples).astype(int).tolist()
-        top_labels = np.argmax(summary.mean, axis=1).tolist() if len(posts) else []
-        rounded = {
-            name: np.round(np.asarray(values, dtype=np.float64), digits).tolist()
-            for name, values, digits in (
-                ("predictive_entropy", summary.predictive_entropy, 6),
-                ("expected_entropy", summary.expected_entropy, 6),
-                ("mutual_information", summary.mutual_information, 6),
-                ("max_flip_rate", np.max(summary.flip_rate, axis=1) if len(posts) else [], 4),
-            )
-        }
+        top_labels = np.argmax(summary.mean, axis=1).tolist()
         names = self.label_names
         out: list[RoutedPost] = []
         for i, post in enumerate(posts):
@@ -130,11 +125,11 @@ class Router:
             # for one deterministic pass: null then; expected risk and entropy are always defined
             scored = sampled or not self.policy.score_needs_samples
             uncertainty = {
-                "predictive_entropy": rounded["predictive_entropy"][i],
-                "expected_entropy": rounded["expected_entropy"][i] if sampled else None,
-                "mutual_information": rounded["mutual_information"][i] if sampled else None,
+                "predictive_entropy": predictive_entropy[i],
+                "expected_entropy": expected_entropy[i] if sampled else None,
+                "mutual_information": mutual_information[i] if sampled else None,
                 "review_score": _r(decision.score) if scored else None,
-                "max_flip_rate": rounded["max_flip_rate"][i] if sampled else None,
+                "max_flip_rate": max_flip_rates[i] if sampled else None,
                 "n_samples": n_samples[i],
             }
             reasons = [r.model_dump(mode="json") for r in decision.reasons]
