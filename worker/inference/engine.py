@@ -104,9 +104,7 @@ class McDropoutEngine:
         self.sampling_model: nn.Module = classifier.model
         if uses_int8(classifier, config, self.mode):
             self.sampling_model = int8_copy(classifier.model)
-        elif (dtype := DTYPES.get(self.precision)) is not None and has_float_parameters(
-            classifier.model
-        ):
+        elif (dtype := DTYPES.get(self.precision)) is not None:  # only with float parameters
             self.sampling_model = low_precision_copy(classifier.model, dtype)
 
     @property
