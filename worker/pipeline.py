@@ -57,6 +57,7 @@ from worker.batching import MicroBatcher
 from worker.decoding import DecodeFailure, DecodeLimits, decode_post
 from worker.http import HealthServer
 from worker.inference.loading import Classifier, load_classifier
+from worker.inference.model_thread import model_thread
 from worker.kafka.clients import build_consumer, build_producer, probe_credentials
 from worker.kafka.delivery import DeliveryFailed, OutputRecord, Publisher, Sent, is_auth_error
 from worker.metrics import Metrics
@@ -128,7 +129,11 @@ class Pipeline:
         settings: WorkerSettings,
         classifier: Classifier | None = None,
         processor_factory: Any = BatchProcessor,
+        model_executor: ThreadPoolExecutor | None = None,
     ) -> None:
+        """``model_executor``: the one thread that runs all of the process's model work (see
+        ``model_thread.py``), when the caller runs the model too; by default the pipeline has its
+        own and loads the model on it."""
         self.settings = settings
         self.metrics = Metrics()
         self.limits = DecodeLimits(
@@ -145,7 +150,8 @@ class Pipeline:
         )
         self.assigned: set[TopicPartition] = set()
         self.paused = False
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="emoworker-model")
+        self._owns_model_thread = model_executor is None
+        self._model_thread = model_executor or model_thread()
         self._cpu_thread = ThreadPoolExecutor(1, thread_name_prefix="emoworker-tokenize")
         self._infer_q: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=1)
         self._publish_q: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=2)
@@ -222,9 +228,14 @@ class Pipeline:
             classifier = await loop.run_in_executor(
                 self._model_thread, load_classifier, self.settings.model
             )
-        self.processor = self._processor_factory(classifier, self.settings)
+        # on the model thread too: the engine copies weights (parallel torch work), and a
+        # second thread running torch slows every pass down (model_thread.py)
+        processor: BatchProcessor = await loop.run_in_executor(
+            self._model_thread, self._processor_factory, classifier, self.settings
+        )
+        self.processor = processor
         self._model_ready = True
-        self.metrics.review_target.set(self.processor.router.policy.config.target_rate or 0)
+        self.metrics.review_target.set(processor.router.policy.config.target_rate or 0)
         log.info(
             "model ready",
             model=classifier.name,
@@ -349,7 +360,8 @@ class Pipeline:
         # unacknowledged output
         await self._commit(final=True)
         await _stop_quietly(self.consumer, self.producer)
-        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        if self._owns_model_thread:
+            self._model_thread.shutdown(wait=False, cancel_futures=True)
         self._cpu_thread.shutdown(wait=False, cancel_futures=True)
         if self.http is not None:
             await self.http.stop()

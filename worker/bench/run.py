@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from worker.bench.streaming import (
 )
 from worker.inference.engine import EngineConfig, McMode, engine_precision
 from worker.inference.loading import Classifier, load_classifier
+from worker.inference.model_thread import model_thread
 from worker.settings import ModelSettings
 from worker.training.goemotions import GOEMOTIONS_LABELS, read_tsv
 
@@ -140,8 +142,14 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 async def streaming_benches(
-    classifier: Classifier, texts: list[str], options: BenchOptions, log: Callable[[str], Any]
+    classifier: Classifier,
+    texts: list[str],
+    options: BenchOptions,
+    log: Callable[[str], Any],
+    executor: ThreadPoolExecutor,
 ) -> dict[str, Any]:
+    """Through the local broker; ``executor`` is the thread that runs all model work (raw
+    inference and the pipelines' batches)."""
     out: dict[str, Any] = {}
     quick = options.quick
     mode: McMode = "fast"
@@ -156,7 +164,11 @@ async def streaming_benches(
                 exactly_once=exactly_once,
             )  # fmt: skip
             transport = await saturated_throughput(
-                settings, classifier, messages, processor_factory=TrivialInferenceProcessor
+                settings,
+                classifier,
+                messages,
+                executor,
+                processor_factory=TrivialInferenceProcessor,
             )
             out[f"transport_ceiling_trivial_inference{key}"] = transport
             log(
@@ -178,12 +190,15 @@ async def streaming_benches(
         tokens = classifier.tokenize(posts)
         config = EngineConfig(n_samples=n_samples, mode=mode, seed=5)
 
-        def raw_inference() -> float:
+        def timed_engine_run() -> float:
             started = time.perf_counter()
             engine_run(classifier, tokens, config, batch=batch)
             return n_pipe / (time.perf_counter() - started)
 
-        raw_before = raw_inference()
+        async def raw_inference() -> float:
+            return await asyncio.get_running_loop().run_in_executor(executor, timed_engine_run)
+
+        raw_before = await raw_inference()
         settings = bench_settings(
             bootstrap,
             f"pipeline-{stamp}",
@@ -191,7 +206,7 @@ async def streaming_benches(
             batch_max_wait_ms=100,
             model=model_settings,
         )
-        piped = await saturated_throughput(settings, classifier, post_messages(posts))
+        piped = await saturated_throughput(settings, classifier, post_messages(posts), executor)
         settings = bench_settings(
             bootstrap,
             f"pipeline-eos-{stamp}",
@@ -200,8 +215,8 @@ async def streaming_benches(
             model=model_settings,
             exactly_once=True,
         )
-        eos_piped = await saturated_throughput(settings, classifier, post_messages(posts))
-        raw_after = raw_inference()
+        eos_piped = await saturated_throughput(settings, classifier, post_messages(posts), executor)
+        raw_after = await raw_inference()
         # raw inference timed before and after the pipeline runs: this machine's speed drifts
         raw = (raw_before + raw_after) / 2
         out["pipeline"] = {
@@ -239,7 +254,7 @@ async def streaming_benches(
                 model=model_settings,
             )
             row = await latency_at_rate(
-                settings, classifier, post_messages(texts[:n_lat]), rate=sustainable * 0.5
+                settings, classifier, post_messages(texts[:n_lat]), executor, sustainable * 0.5
             )
             row |= {"batch_size": batch_size, "max_wait_ms": wait_ms}
             latency_rows.append(row)
@@ -252,10 +267,20 @@ async def streaming_benches(
 
 
 def run_bench(options: BenchOptions, log: Callable[[str], Any] = print) -> dict[str, Any]:
+    # every step that runs the model runs on one thread, the pipelines' included: a second
+    # thread running torch would slow both down (worker/inference/model_thread.py)
+    with model_thread() as executor:
+        return _run_bench(options, log, executor)
+
+
+def _run_bench(
+    options: BenchOptions, log: Callable[[str], Any], executor: ThreadPoolExecutor
+) -> dict[str, Any]:
     if options.threads:
         torch.set_num_threads(options.threads)
     quick = options.quick
-    classifier = load_classifier(ModelSettings(path=options.model, device="auto"))
+    model = ModelSettings(path=options.model, device="auto")
+    classifier = executor.submit(load_classifier, model).result()
     n_fidelity = 48 if quick else options.fidelity_posts
     n_speed = 16 if quick else options.speed_posts
     n_samples = 4 if quick else options.n_samples
@@ -268,7 +293,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], Any] = print) -> dict[
         "quick": quick,
     }
     log(f"machine: {result['machine']}")
-    result["methods"] = run_inference_bench(
+    result["methods"] = executor.submit(
+        run_inference_bench,
         classifier,
         texts,
         targets,
@@ -277,11 +303,13 @@ def run_bench(options: BenchOptions, log: Callable[[str], Any] = print) -> dict[
         full_config=EngineConfig(n_samples=n_samples, mode="full"),
         fast_config=EngineConfig(n_samples=n_samples, mode="fast"),
         log=log,
-    )
+    ).result()
     log(markdown_table(result["methods"]))
     if options.streaming:
         texts_all, _ = load_posts(options.data, 2000)
-        result["streaming"] = asyncio.run(streaming_benches(classifier, texts_all, options, log))
+        result["streaming"] = asyncio.run(
+            streaming_benches(classifier, texts_all, options, log, executor)
+        )
     result["memory"] = memory_probe(
         options.model, 64 if quick else 512, 5 if quick else 50, 10 if quick else 60
     )

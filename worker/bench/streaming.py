@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -113,14 +114,21 @@ async def saturated_throughput(
     settings: WorkerSettings,
     classifier: Classifier,
     messages: list[tuple[bytes | None, bytes]],
+    model_executor: ThreadPoolExecutor | None = None,
     processor_factory: Any = BatchProcessor,
     partitions: int = 4,
     timeout_s: float = 900,
 ) -> dict[str, float]:
-    """Pre-load the input topic, start the worker, time until every post is enriched."""
+    """Pre-load the input topic, start the worker, time until every post is enriched.
+    ``model_executor``: the thread the caller runs the model on (see ``model_thread.py``)."""
     await _prepare(settings, partitions)
     await feed_topic(settings.kafka, settings.topics.input, messages)
-    pipeline = Pipeline(settings, classifier=classifier, processor_factory=processor_factory)
+    pipeline = Pipeline(
+        settings,
+        classifier=classifier,
+        processor_factory=processor_factory,
+        model_executor=model_executor,
+    )
     reader = await start_reader(settings, len(messages), timeout_s)
     started = time.monotonic()
     worker = asyncio.create_task(pipeline.run())
@@ -147,12 +155,13 @@ async def latency_at_rate(
     settings: WorkerSettings,
     classifier: Classifier,
     messages: list[tuple[bytes | None, bytes]],
+    model_executor: ThreadPoolExecutor | None,
     rate: float,
     partitions: int = 4,
 ) -> dict[str, float]:
     """Feed at ``rate`` posts/s; latency = enriched record time − input record time."""
     await _prepare(settings, partitions)
-    pipeline = Pipeline(settings, classifier=classifier)
+    pipeline = Pipeline(settings, classifier=classifier, model_executor=model_executor)
     worker = asyncio.create_task(pipeline.run())
     while not pipeline.ready()[0]:  # noqa: ASYNC110 (the pipeline exposes no event for this)
         await asyncio.sleep(0.1)

@@ -1,0 +1,74 @@
+"""All model work of a worker runs on one thread (see worker/inference/model_thread.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker import pipeline as pipeline_module
+from worker.inference.loading import Classifier
+from worker.inference.model_thread import THREAD_NAME, model_thread
+from worker.pipeline import Pipeline
+from worker.processing import BatchProcessor
+from worker.settings import WorkerSettings
+
+
+def _settings(model_dir: Path) -> WorkerSettings:
+    return WorkerSettings.from_layers(
+        {"model": {"path": str(model_dir), "device": "cpu"}, "http_port": 0}, {}
+    )
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.threads: dict[str, int] = {}
+
+    def factory(self, classifier: Classifier, settings: WorkerSettings) -> BatchProcessor:
+        self.threads["engine"] = threading.get_ident()
+        assert threading.current_thread().name.startswith(THREAD_NAME)
+        return BatchProcessor(classifier, settings)
+
+
+def test_the_worker_loads_the_model_and_builds_the_engine_on_its_model_thread(
+    test_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = _Recorder()
+    real_load = pipeline_module.load_classifier
+
+    def load(settings: Any) -> Classifier:
+        recorder.threads["load"] = threading.get_ident()
+        return real_load(settings)
+
+    monkeypatch.setattr(pipeline_module, "load_classifier", load)
+    pipeline = Pipeline(_settings(test_model_dir), processor_factory=recorder.factory)
+    try:
+        asyncio.run(pipeline._load_model())
+        batches = pipeline._model_thread.submit(threading.get_ident).result()
+    finally:
+        asyncio.run(pipeline._close())
+    assert recorder.threads["load"] == recorder.threads["engine"] == batches
+    assert batches != threading.get_ident()  # not the event loop's thread
+    with pytest.raises(RuntimeError):  # the pipeline's own thread is shut down with it
+        pipeline._model_thread.submit(threading.get_ident)
+
+
+def test_a_model_thread_handed_in_runs_the_engine_and_outlives_the_pipeline(
+    test_model_dir: Path, test_classifier: Classifier
+) -> None:
+    recorder = _Recorder()
+    with model_thread() as executor:
+        caller = executor.submit(threading.get_ident).result()
+        pipeline = Pipeline(
+            _settings(test_model_dir),
+            classifier=test_classifier,
+            processor_factory=recorder.factory,
+            model_executor=executor,
+        )
+        asyncio.run(pipeline._load_model())
+        asyncio.run(pipeline._close())
+        assert recorder.threads["engine"] == caller
+        assert executor.submit(threading.get_ident).result() == caller  # still running
