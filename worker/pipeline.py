@@ -242,8 +242,8 @@ class Pipeline:
             revision=classifier.revision,
             labels=len(classifier.label_names),
             adapter=classifier.adapter.describe(),
-            mc_mode=self.processor.engine.mode if self.processor else None,
-            n_samples=self.processor.engine.n_samples if self.processor else None,
+            mc_mode=processor.engine.mode,
+            n_samples=processor.engine.n_samples,
         )
 
     async def _connect(self) -> None:

@@ -200,34 +200,31 @@ async def streaming_benches(
 
         # raw inference before, between and after the two pipeline runs; each pipeline run is
         # compared with the raw runs on either side of it (this machine's speed drifts)
-        raw_before = await raw_inference()
-        settings = bench_settings(
-            bootstrap,
-            f"pipeline-{stamp}",
-            batch_size=batch,
-            batch_max_wait_ms=100,
-            model=model_settings,
-        )
-        piped = await saturated_throughput(settings, classifier, post_messages(posts), executor)
-        raw_between = await raw_inference()
-        settings = bench_settings(
-            bootstrap,
-            f"pipeline-eos-{stamp}",
-            batch_size=batch,
-            batch_max_wait_ms=100,
-            model=model_settings,
-            exactly_once=True,
-        )
-        eos_piped = await saturated_throughput(settings, classifier, post_messages(posts), executor)
-        raw_after = await raw_inference()
+        raw_runs = [await raw_inference()]
+        piped_runs = []
+        for exactly_once, tag in ((False, "pipeline"), (True, "pipeline-eos")):
+            settings = bench_settings(
+                bootstrap,
+                f"{tag}-{stamp}",
+                batch_size=batch,
+                batch_max_wait_ms=100,
+                model=model_settings,
+                exactly_once=exactly_once,
+            )
+            piped_runs.append(
+                await saturated_throughput(settings, classifier, post_messages(posts), executor)
+            )
+            raw_runs.append(await raw_inference())
+        piped, eos_piped = piped_runs
+        raw_before, raw_between, raw_after = raw_runs
         raw_for_piped = (raw_before + raw_between) / 2
         raw_for_eos = (raw_between + raw_after) / 2
         out["pipeline"] = {
             "mc_mode": mode,
             "precision": engine_precision(classifier, config, mode),
             "posts": n_pipe,
-            "raw_inference_posts_per_s": (raw_before + raw_between + raw_after) / 3,
-            "raw_inference_runs": [raw_before, raw_between, raw_after],
+            "raw_inference_posts_per_s": sum(raw_runs) / len(raw_runs),
+            "raw_inference_runs": raw_runs,
             "pipeline_posts_per_s": piped["posts_per_s"],
             "overhead": 1 - piped["posts_per_s"] / raw_for_piped,
             "exactly_once_posts_per_s": eos_piped["posts_per_s"],
@@ -280,8 +277,8 @@ def run_bench(options: BenchOptions, log: Callable[[str], Any] = print) -> dict[
 def _run_bench(
     options: BenchOptions, log: Callable[[str], Any], executor: ThreadPoolExecutor
 ) -> dict[str, Any]:
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    if options.threads:  # on the model thread, like all model work
+        executor.submit(torch.set_num_threads, options.threads).result()
     quick = options.quick
     model = ModelSettings(path=options.model, device="auto")
     classifier = executor.submit(load_classifier, model).result()
