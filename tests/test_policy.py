@@ -507,10 +507,10 @@ def test_deterministic_posts_publish_the_scores_that_need_no_samples(
     stats = summary(rng.uniform(0, 1, (30, 5)), np.zeros((30, 5)), 1)
     routed = router.route(posts, [None] * 30, stats)
     for r in routed:
-        event = EnrichedPost.model_validate(r.enriched)
+        event = EnrichedPost.model_validate(r.enriched_event())
         assert (event.uncertainty.review_score is not None) is published
         if r.review is not None:
-            request = ReviewRequest.model_validate(r.review)
+            request = ReviewRequest.model_validate(r.review_event())
             if published:
                 assert request.review_score == event.uncertainty.review_score
     assert any(r.review is not None for r in routed)

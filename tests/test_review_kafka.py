@@ -125,7 +125,9 @@ async def test_without_budget_routing_equals_the_offline_policy(
     offline = BatchProcessor(test_classifier, settings).process(posts, [None] * N_POSTS)
     expected = {r.post_id for r in offline if r.review is not None}
     rules = {
-        r.post_id: {x["rule"] for x in r.enriched["review_reasons"]} for r in offline if r.review
+        r.post_id: {x["rule"] for x in r.enriched_event()["review_reasons"]}
+        for r in offline
+        if r.review
     }
     assert {"epistemic"} in rules.values() and {"watch_label"} in rules.values()
     assert 30 <= len(expected) < N_POSTS
@@ -135,8 +137,8 @@ async def test_without_budget_routing_equals_the_offline_policy(
     by_id = {e["id"]: e for e in enriched}
     for r in offline:
         online = by_id[r.post_id]
-        assert online["review_reasons"] == r.enriched["review_reasons"]
-        assert online["uncertainty"] == r.enriched["uncertainty"]
+        assert online["review_reasons"] == r.enriched_event()["review_reasons"]
+        assert online["uncertainty"] == r.enriched_event()["uncertainty"]
     for raw in reviews:
         request = ReviewRequest.model_validate(raw)
         assert {x.rule for x in request.reasons} <= {"epistemic", "watch_label"}

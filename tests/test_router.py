@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from texts import EXAMPLE_TEXTS
 
@@ -15,7 +16,7 @@ from worker.inference.loading import Classifier
 from worker.inference.uncertainty import McSummary, summarise_samples
 from worker.processing import BatchProcessor
 from worker.routing.policy import ReviewPolicy, expected_risk
-from worker.routing.router import Router, predicted_label_indices
+from worker.routing.router import EmotionsEncoder, Router, predicted_label_indices
 from worker.settings import ReviewSettings, WorkerSettings
 
 TEXTS = [
@@ -103,14 +104,14 @@ def routed_run(
 def test_one_event_per_post_in_input_order(routed_run: Any) -> None:
     posts, _, _, routed = routed_run
     assert [r.post_id for r in routed] == [p.id for p in posts]
-    assert [r.enriched["id"] for r in routed] == [p.id for p in posts]
+    assert [r.enriched_event()["id"] for r in routed] == [p.id for p in posts]
 
 
 def test_enriched_events_are_schema_valid(routed_run: Any, test_classifier: Classifier) -> None:
     posts, _, _, routed = routed_run
     sources = make_sources(len(posts))
     for post, source, r in zip(posts, sources, routed, strict=True):
-        event = EnrichedPost.model_validate(r.enriched)
+        event = EnrichedPost.model_validate(r.enriched_event())
         assert EnrichedPost.model_validate_json(r.enriched_bytes()) == event
         assert event.post == post, "the input post, unknown fields included"
         assert event.post.model_extra == post.model_extra
@@ -128,21 +129,21 @@ def test_review_requests_are_schema_valid_and_match_needs_review(routed_run: Any
     _, _, _, routed = routed_run
     reviewed = 0
     for r in routed:
-        assert r.enriched["needs_review"] is (r.review is not None)
+        assert r.enriched_event()["needs_review"] is (r.review is not None)
         assert (r.review_bytes() is None) == (r.review is None)
         if r.review is None:
-            assert r.enriched["review_reasons"] == []
+            assert r.enriched_event()["review_reasons"] == []
             continue
         reviewed += 1
-        request = ReviewRequest.model_validate(r.review)
+        request = ReviewRequest.model_validate(r.review_event())
         assert ReviewRequest.model_validate_json(r.review_bytes() or b"") == request
         assert request.id == r.post_id
         assert 0 <= request.priority <= 100
         assert request.reasons, "a review request always says why"
-        assert r.review["reasons"] == r.enriched["review_reasons"]
-        assert r.review["emotions"] == r.enriched["emotions"]
-        assert r.review["predicted_labels"] == r.enriched["predicted_labels"]
-        assert request.review_score == r.enriched["uncertainty"]["review_score"]
+        assert r.review_event()["reasons"] == r.enriched_event()["review_reasons"]
+        assert r.review_event()["emotions"] == r.enriched_event()["emotions"]
+        assert r.review_event()["predicted_labels"] == r.enriched_event()["predicted_labels"]
+        assert request.review_score == r.enriched_event()["uncertainty"]["review_score"]
     assert reviewed > 0
 
 
@@ -152,7 +153,7 @@ def test_emotions_have_one_entry_per_label_in_label_order(
     _, summary, thresholds, routed = routed_run
     names = test_classifier.label_names
     for i, r in enumerate(routed):
-        emotions = r.enriched["emotions"]
+        emotions = r.enriched_event()["emotions"]
         assert [e["label"] for e in emotions] == names
         for j, e in enumerate(emotions):
             assert e["probability"] == pytest.approx(summary.mean[i, j], abs=1e-6)
@@ -175,12 +176,14 @@ def test_predicted_labels_are_the_labels_at_or_above_threshold(
         else:
             expected = [names[int(np.argmax(mean))]]
             fallbacks += 1
-        assert r.enriched["predicted_labels"] == expected
-        assert r.enriched["top_label"] == names[int(np.argmax(mean))]
-        flagged = [e["label"] for e in r.enriched["emotions"] if e["predicted"]]
+        assert r.enriched_event()["predicted_labels"] == expected
+        assert r.enriched_event()["top_label"] == names[int(np.argmax(mean))]
+        flagged = [e["label"] for e in r.enriched_event()["emotions"] if e["predicted"]]
         assert sorted(flagged) == sorted(expected)
     assert fallbacks > 0, "the thresholds leave some posts with no label above them"
-    assert routed[0].enriched["predicted_labels"] != [], "post 0 sits exactly on a threshold"
+    assert routed[0].enriched_event()["predicted_labels"] != [], (
+        "post 0 sits exactly on a threshold"
+    )
 
 
 def test_without_budget_a_post_is_routed_iff_a_rule_fired(routed_run: Any) -> None:
@@ -189,8 +192,8 @@ def test_without_budget_a_post_is_routed_iff_a_rule_fired(routed_run: Any) -> No
     for i, r in enumerate(routed):
         fired = expected_ambiguous(summary, i, thresholds)
         decisions.append(fired)
-        assert r.enriched["needs_review"] is fired
-        rules = {reason["rule"] for reason in r.enriched["review_reasons"]}
+        assert r.enriched_event()["needs_review"] is fired
+        rules = {reason["rule"] for reason in r.enriched_event()["review_reasons"]}
         assert rules == ({"ambiguous_label"} if fired else set())
     assert decisions[0], "post 0 is exactly on a threshold"
     assert True in decisions and False in decisions, "the batch should have both outcomes"
@@ -201,8 +204,8 @@ def test_review_score_is_the_default_expected_risk_score(routed_run: Any) -> Non
     assert ReviewSettings().score == "expected_risk"
     risk = expected_risk(summary.mean, thresholds)
     for i, r in enumerate(routed):
-        assert r.enriched["uncertainty"]["review_score"] == pytest.approx(risk[i], abs=1e-4)
-        assert r.enriched["uncertainty"]["mutual_information"] == pytest.approx(
+        assert r.enriched_event()["uncertainty"]["review_score"] == pytest.approx(risk[i], abs=1e-4)
+        assert r.enriched_event()["uncertainty"]["mutual_information"] == pytest.approx(
             summary.mutual_information[i], abs=1e-6
         )
 
@@ -215,7 +218,7 @@ def test_off_mode_events_have_no_sampling_statistics(
     processor = BatchProcessor(test_classifier, settings)
     routed = processor.process(make_posts()[:4], [None] * 4)
     for r in routed:
-        event = EnrichedPost.model_validate(r.enriched)
+        event = EnrichedPost.model_validate(r.enriched_event())
         assert event.model.mc_mode == "off" and event.model.n_samples == 1
         assert event.uncertainty.n_samples == 1
         assert event.uncertainty.mutual_information is None
@@ -242,7 +245,7 @@ def test_watch_labels_are_always_routed(
     routed = processor.process(make_posts()[:4], [None] * 4)
     for r in routed:
         assert r.review is not None
-        request = ReviewRequest.model_validate(r.review)
+        request = ReviewRequest.model_validate(r.review_event())
         watch = [reason for reason in request.reasons if reason.rule == "watch_label"]
         assert len(watch) == 1 and watch[0].label == "nervousness"
 
@@ -291,7 +294,7 @@ def test_hand_built_routing() -> None:
     summary = hand_summary()
     posts = [SocialPost(id=f"h{i}", text="x") for i in range(4)]
     routed = hand_router().route(posts, [None] * 4, summary)
-    events = [EnrichedPost.model_validate(r.enriched) for r in routed]
+    events = [EnrichedPost.model_validate(r.enriched_event()) for r in routed]
 
     assert events[0].predicted_labels == ["joy", "anger"]
     assert [e.predicted for e in events[0].emotions] == [True, True, False]
@@ -303,7 +306,7 @@ def test_hand_built_routing() -> None:
     # identical samples: std 0, no rule can fire; post 2 straddles: routed
     assert [e.needs_review for e in events] == [False, False, True, False]
     assert routed[2].review is not None
-    request = ReviewRequest.model_validate(routed[2].review)
+    request = ReviewRequest.model_validate(routed[2].review_event())
     assert [(r.rule, r.label, r.cut) for r in request.reasons] == [("ambiguous_label", "joy", 0.5)]
     assert request.reasons[0].value == pytest.approx(0.5, abs=1e-4)
     assert events[2].emotions[0].flip_rate == pytest.approx(0.5)
@@ -314,9 +317,11 @@ def test_hand_built_low_confidence_neutral_rule() -> None:
     summary = summarise_samples(samples, THRESHOLDS)
     posts = [SocialPost(id="n0", text="x"), SocialPost(id="n1", text="y")]
     routed = hand_router(low_confidence_neutral=0.7).route(posts, [None, None], summary)
-    assert [r.enriched["predicted_labels"] for r in routed] == [["neutral"], ["neutral"]]
-    assert [r.enriched["needs_review"] for r in routed] == [True, False]
-    assert [x["rule"] for x in routed[0].enriched["review_reasons"]] == ["low_confidence_neutral"]
+    assert [r.enriched_event()["predicted_labels"] for r in routed] == [["neutral"], ["neutral"]]
+    assert [r.enriched_event()["needs_review"] for r in routed] == [True, False]
+    assert [x["rule"] for x in routed[0].enriched_event()["review_reasons"]] == [
+        "low_confidence_neutral"
+    ]
 
 
 def test_batch_predicted_sets_match_the_per_post_rule() -> None:
@@ -356,3 +361,34 @@ def test_decide_all_matches_deciding_post_by_post() -> None:
 
     assert [plain(d) for d in batch] == [plain(d) for d in one_by_one]
     assert sum(d.routed for d in batch) > 0
+
+
+def test_emotions_json_matches_the_values_it_encodes() -> None:
+    """The batch-wide JSON text of ``emotions`` parses to exactly the per-label objects: label
+    names escaped, rounding, null statistics for deterministic posts, NaN as null, float32."""
+    names = ['say "hi"', "ünïcode", "plain"]
+    thresholds = np.array([0.25, 0.123456, 0.5])
+    encoder = EmotionsEncoder(names, thresholds)
+    rng = np.random.default_rng(7)
+    mean = rng.random((5, 3)).astype(np.float32)
+    mean[3, 1] = np.nan
+    std, flips = rng.random((5, 3)) * 0.1, rng.random((5, 3)) * 0.3
+    predicted = mean >= thresholds
+    sampled = np.array([True, False, True, True, False])
+    fragments = encoder.encode(mean, std, flips, predicted, sampled)
+    assert len(fragments) == 5
+    for i, fragment in enumerate(fragments):
+        parsed = orjson.loads(orjson.dumps({"emotions": fragment}))["emotions"]
+        expected = [
+            {
+                "label": names[j],
+                "probability": None if np.isnan(mean[i, j]) else round(float(mean[i, j]), 6),
+                "uncertainty": round(float(std[i, j]), 6) if sampled[i] else None,
+                "threshold": round(float(thresholds[j]), 4),
+                "predicted": bool(predicted[i, j]),
+                "flip_rate": round(float(flips[i, j]), 4) if sampled[i] else None,
+            }
+            for j in range(3)
+        ]
+        assert parsed == expected
+    assert encoder.encode(mean[:0], std[:0], flips[:0], predicted[:0], sampled[:0]) == []

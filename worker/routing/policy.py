@@ -349,25 +349,37 @@ class ReviewPolicy:
         std = np.asarray(summary.std, dtype=np.float64)
         return np.asarray(self._near_threshold(mean, std).any(axis=1))
 
+    def _epistemic_fires(self, summary: McSummary, i: int) -> bool:
+        cut = self.config.epistemic_cut
+        return cut is not None and float(summary.mutual_information[i]) > cut
+
+    def _neutral_fires(self, mean: np.ndarray, predicted: list[int]) -> bool:
+        cut = self.config.low_confidence_neutral
+        return (
+            cut is not None
+            and self.neutral is not None
+            and predicted == [self.neutral]
+            and mean[self.neutral] < cut
+        )
+
     def rules(
         self,
         summary: McSummary,
         i: int,
         predicted: list[int],
-        score: float,
-        ambiguous: bool = True,
-    ) -> tuple[list[ReviewReason], bool]:
-        """Reasons that apply to post ``i``, and whether one of them forces routing.
+        ambiguous: bool | None = None,
+    ) -> list[ReviewReason]:
+        """The reasons that apply to post ``i`` (the budget's own reason excepted).
         ``ambiguous=False`` (from ``ambiguous_rows``) skips the search for ambiguous labels."""
         c = self.config
         mean, std = summary.mean[i], summary.std[i]
         sampled = bool(summary.n_samples[i] > 1)
         reasons: list[ReviewReason] = []
         if sampled:
-            if ambiguous:
+            if ambiguous is not False:
                 reasons += self._ambiguous(mean, std)
-            mi = float(summary.mutual_information[i])
-            if c.epistemic_cut is not None and mi > c.epistemic_cut:
+            if self._epistemic_fires(summary, i):
+                mi = float(summary.mutual_information[i])
                 reasons.append(
                     ReviewReason(
                         rule="epistemic",
@@ -376,18 +388,12 @@ class ReviewPolicy:
                         message=f"mutual information {mi:.4f} exceeds {c.epistemic_cut:g}",
                     )
                 )
-        watch = self._watch(mean, std, sampled, predicted)
-        reasons += watch
-        if (
-            c.low_confidence_neutral is not None
-            and self.neutral is not None
-            and predicted == [self.neutral]
-            and mean[self.neutral] < c.low_confidence_neutral
-        ):
+        reasons += self._watch(mean, std, sampled, predicted)
+        if self._neutral_fires(mean, predicted):
             reasons.append(
                 ReviewReason(
                     rule="low_confidence_neutral",
-                    label=self.label_names[self.neutral],
+                    label=self.label_names[self.neutral],  # type: ignore[index]
                     value=_round(mean[self.neutral]),
                     cut=c.low_confidence_neutral,
                     message=(
@@ -396,9 +402,26 @@ class ReviewPolicy:
                     ),
                 )
             )
-        # watch-listed labels always route; without a budget every rule does
-        forced = bool(watch) or (not self.budget.enabled and bool(reasons))
-        return reasons, forced
+        return reasons
+
+    def forced(
+        self, summary: McSummary, i: int, predicted: list[int], ambiguous: bool | None = None
+    ) -> bool:
+        """Whether post ``i`` is routed whatever its score: a watch-listed label fires, or there
+        is no budget and any rule fires. Decided without building the reasons (``rules``), which
+        only a routed post needs."""
+        mean, std = summary.mean[i], summary.std[i]
+        sampled = bool(summary.n_samples[i] > 1)
+        if self.watch and self._watch(mean, std, sampled, predicted):
+            return True
+        if self.budget.enabled:
+            return False
+        if sampled:
+            if ambiguous is None:
+                ambiguous = bool(self._near_threshold(mean, std).any())
+            if ambiguous or self._epistemic_fires(summary, i):
+                return True
+        return self._neutral_fires(mean, predicted)
 
     def decide_all(
         self, summary: McSummary, predicted: list[list[int]], scores: np.ndarray
@@ -416,11 +439,15 @@ class ReviewPolicy:
         i: int,
         predicted: list[int],
         score: float,
-        ambiguous: bool = True,
+        ambiguous: bool | None = None,
     ) -> ReviewDecision:
-        reasons, forced = self.rules(summary, i, predicted, score, ambiguous)
+        """Route post ``i`` or not; a routed post carries every reason that applies to it."""
+        forced = self.forced(summary, i, predicted, ambiguous)
         verdict: BudgetDecision = self.budget.decide(score, forced=forced)
-        if verdict.routed and not forced:
+        if not verdict.routed:
+            return ReviewDecision(score=score, reasons=[], routed=False, priority=verdict.priority)
+        reasons = self.rules(summary, i, predicted, ambiguous)
+        if not forced:
             warming = (
                 f"; estimate from the first {self.budget.seen} posts" if verdict.warming_up else ""
             )
@@ -442,8 +469,5 @@ class ReviewPolicy:
         # watch-listed posts are the ones a team must never miss: they go to the front
         watched = any(r.rule == "watch_label" for r in reasons)
         return ReviewDecision(
-            score=score,
-            reasons=reasons if verdict.routed else [],
-            routed=verdict.routed,
-            priority=100 if watched and verdict.routed else verdict.priority,
+            score=score, reasons=reasons, routed=True, priority=100 if watched else verdict.priority
         )

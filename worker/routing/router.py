@@ -3,7 +3,9 @@ posts the policy routes.
 
 Events are built as plain dicts in the shape of ``schemas.EnrichedPost`` / ``ReviewRequest`` and
 serialised with orjson: building pydantic objects for 28 labels per post would cost more than the
-transport itself at high rates. Tests validate the dicts against the pydantic models.
+transport itself at high rates. For the same reason the ``emotions`` array (28 objects of 6 fields
+per post) is written as JSON text for the whole batch at once (``EmotionsEncoder``) and embedded as
+an ``orjson.Fragment``. Tests validate the events against the pydantic models.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from worker.routing.policy import ReviewPolicy, predicted_mask
 
 @dataclass
 class RoutedPost:
+    """One post's events, ready for orjson: their ``emotions`` are JSON text already (an
+    ``orjson.Fragment``); ``enriched_event()`` / ``review_event()`` give them as plain data."""
+
     post_id: str
     enriched: dict[str, Any]
     review: dict[str, Any] | None
@@ -31,6 +36,75 @@ class RoutedPost:
 
     def review_bytes(self) -> bytes | None:
         return None if self.review is None else orjson.dumps(self.review)
+
+    def enriched_event(self) -> dict[str, Any]:
+        event: dict[str, Any] = orjson.loads(self.enriched_bytes())
+        return event
+
+    def review_event(self) -> dict[str, Any] | None:
+        review = self.review_bytes()
+        return None if review is None else orjson.loads(review)
+
+
+class EmotionsEncoder:
+    """The ``emotions`` arrays of a batch as JSON text, one ``orjson.Fragment`` per post.
+
+    Per post, 28 dicts of 6 fields cost ≈ 18 µs of interpreter time; here orjson formats each
+    field's numbers for the whole batch in one call (the same text it writes for Python floats),
+    and every post's text is the fixed JSON between them joined with its numbers."""
+
+    FIELDS = 4  # probability, uncertainty, predicted, flip_rate; label and threshold are fixed
+
+    def __init__(self, label_names: list[str], thresholds: np.ndarray) -> None:
+        pieces: list[str] = []
+        for j, (name, threshold) in enumerate(
+            zip(label_names, _rounded(thresholds, 4), strict=True)
+        ):
+            pieces += [
+                ("[" if j == 0 else "},")
+                + '{"label":'
+                + orjson.dumps(name).decode()
+                + ',"probability":',
+                ',"uncertainty":',
+                ',"threshold":' + orjson.dumps(threshold).decode() + ',"predicted":',
+                ',"flip_rate":',
+            ]
+        pieces.append("}]")
+        self._pieces = np.array(pieces, dtype=object)
+        self.n_labels = len(label_names)
+
+    def encode(
+        self,
+        mean: np.ndarray,
+        std: np.ndarray,
+        flip_rate: np.ndarray,
+        predicted: np.ndarray,
+        sampled: np.ndarray,
+    ) -> list[orjson.Fragment]:
+        """(B, L) statistics and predicted mask, (B,) sampled: B fragments. Probabilities and
+        uncertainties rounded to 6 digits, flip rates to 4; uncertainty and flip rate are null
+        for a post with one (deterministic) sample."""
+        n_posts = len(mean)
+        if n_posts == 0:
+            return []
+        values = np.empty((n_posts, self.n_labels, self.FIELDS), dtype=object)
+        values[:, :, 0] = _json_numbers(np.round(np.asarray(mean, dtype=np.float64), 6))
+        values[:, :, 1] = _json_numbers(np.round(np.asarray(std, dtype=np.float64), 6))
+        values[:, :, 2] = _json_numbers(np.asarray(predicted, dtype=bool))
+        values[:, :, 3] = _json_numbers(np.round(np.asarray(flip_rate, dtype=np.float64), 4))
+        unsampled = ~np.asarray(sampled, dtype=bool)
+        values[unsampled, :, 1] = "null"
+        values[unsampled, :, 3] = "null"
+        text = np.empty((n_posts, len(self._pieces) + values[0].size), dtype=object)
+        text[:, 0::2] = self._pieces
+        text[:, 1::2] = values.reshape(n_posts, -1)
+        return [orjson.Fragment("".join(row)) for row in text.tolist()]
+
+
+def _json_numbers(values: np.ndarray) -> np.ndarray:
+    """An array's elements as JSON texts (object array of the same shape), from one orjson call."""
+    flat = orjson.dumps(np.ascontiguousarray(values).ravel(), option=orjson.OPT_SERIALIZE_NUMPY)
+    return np.array(flat[1:-1].decode().split(","), dtype=object).reshape(values.shape)
 
 
 def now_rfc3339() -> str:
@@ -76,6 +150,7 @@ class Router:
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self.model_info = model_info
         self.worker_id = worker_id
+        self.emotions = EmotionsEncoder(label_names, self.thresholds)
 
     def route(
         self,
@@ -87,39 +162,25 @@ class Router:
         processed_at = now_rfc3339()
         # per-batch numpy work, then plain Python per post: per-post numpy calls and per-element
         # round() dominated the routing cost
-        means, stds = _rounded(summary.mean, 6), _rounded(summary.std, 6)
-        flip_rates, max_flip_rates = (
-            _rounded(summary.flip_rate, 4),
-            _rounded(np.max(summary.flip_rate, axis=1), 4),
-        )
-        thresholds = _rounded(self.thresholds, 4)
+        max_flip_rates = _rounded(np.max(summary.flip_rate, axis=1), 4)
         predictive_entropy = _rounded(summary.predictive_entropy, 6)
         expected_entropy = _rounded(summary.expected_entropy, 6)
         mutual_information = _rounded(summary.mutual_information, 6)
+        predicted = predicted_mask(np.asarray(summary.mean, dtype=np.float64), self.thresholds)
         predicted_lists = predicted_label_lists(summary.mean, self.thresholds)
         decisions = self.policy.decide_all(summary, predicted_lists, scores)
-        sampled_posts = (np.asarray(summary.n_samples) > 1).tolist()
+        sampled_array = np.asarray(summary.n_samples) > 1
+        sampled_posts = sampled_array.tolist()
+        emotions_json = self.emotions.encode(
+            summary.mean, summary.std, summary.flip_rate, predicted, sampled_array
+        )
         n_samples = np.asarray(summary.n_samples).astype(int).tolist()
         top_labels = np.argmax(summary.mean, axis=1).tolist()
         names = self.label_names
         out: list[RoutedPost] = []
         for i, post in enumerate(posts):
             sampled = sampled_posts[i]
-            predicted = predicted_lists[i]
-            chosen = set(predicted)
-            emotions = [
-                {
-                    "label": name,
-                    "probability": m,
-                    "uncertainty": s if sampled else None,
-                    "threshold": t,
-                    "predicted": j in chosen,
-                    "flip_rate": f if sampled else None,
-                }
-                for j, (name, m, s, t, f) in enumerate(
-                    zip(names, means[i], stds[i], thresholds, flip_rates[i], strict=True)
-                )
-            ]
+            emotions = emotions_json[i]
             decision = decisions[i]
             # a score that needs MC spread (threshold distance, mutual information) means nothing
             # for one deterministic pass: null then; expected risk and entropy are always defined
@@ -134,7 +195,7 @@ class Router:
             }
             reasons = [r.model_dump(mode="json") for r in decision.reasons]
             post_dict = post.model_dump(mode="json")
-            labels = [names[j] for j in predicted]
+            labels = [names[j] for j in predicted_lists[i]]
             enriched = {
                 "schema_version": SCHEMA_VERSION,
                 "id": post.id,
