@@ -174,17 +174,22 @@ def predicted_mask(mean: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return predicted
 
 
-def poisson_binomial(probs: np.ndarray, include: np.ndarray) -> np.ndarray:
-    """(B, L + 1): per post, the distribution of how many of the ``include``-d labels (B, L) are
-    on, each on independently with its probability in ``probs`` (B, L)."""
+def poisson_binomial(
+    probs: np.ndarray, include: np.ndarray, max_count: int | None = None
+) -> np.ndarray:
+    """(B, max_count + 1): per post, the distribution of how many of the ``include``-d labels
+    (B, L) are on, each on independently with its probability in ``probs`` (B, L). By default
+    ``max_count`` = L; a smaller one must be at least the most labels any post includes (the
+    counts above it then have probability 0, and leaving them out is exact)."""
     n_posts, n_labels = probs.shape
-    pmf = np.zeros((n_posts, n_labels + 1))
+    pmf = np.zeros((n_posts, (n_labels if max_count is None else max_count) + 1))
     pmf[:, 0] = 1.0
-    for j in range(n_labels):
-        q = np.where(include[:, j], probs[:, j], 0.0)[:, None]
-        shifted = np.zeros_like(pmf)
-        shifted[:, 1:] = pmf[:, :-1]
-        pmf = pmf * (1.0 - q) + shifted * q
+    q_all = np.where(include, probs, 0.0)
+    for j in np.flatnonzero(include.any(axis=0)):  # a label no post includes changes nothing
+        q = q_all[:, j, None]
+        moved = pmf[:, :-1] * q
+        pmf *= 1.0 - q
+        pmf[:, 1:] += moved
     return pmf
 
 
@@ -203,11 +208,12 @@ def expected_risk(mean: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     if p.size == 0:
         return np.zeros(len(p))
     predicted = predicted_mask(p, np.asarray(thresholds, dtype=np.float64))
-    k = predicted.sum(axis=1).astype(np.float64)
-    in_p = poisson_binomial(p, predicted)  # A
+    k = predicted.sum(axis=1)
+    in_p = poisson_binomial(p, predicted, max_count=int(k.max()))  # A <= k: exact
     out_p = poisson_binomial(p, ~predicted)  # C
-    counts = np.arange(p.shape[1] + 1, dtype=np.float64)
-    a, c = counts[:, None], counts[None, :]
+    k = k.astype(np.float64)
+    a = np.arange(in_p.shape[1], dtype=np.float64)[:, None]
+    c = np.arange(out_p.shape[1], dtype=np.float64)[None, :]
     f1 = 2.0 * a / (k[:, None, None] + a + c)  # (B, A, C)
     expected_f1 = np.einsum("ba,bc,bac->b", in_p, out_p, f1)
     return np.asarray(np.clip(1.0 - expected_f1, 0.0, 1.0))
