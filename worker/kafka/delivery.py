@@ -122,23 +122,28 @@ class Publisher:
     ) -> list[asyncio.Future[Any]]:
         futures: list[asyncio.Future[Any]] = []
         failed_topics: dict[str, BaseException] = {}  # a topic that failed fails the rest at once
-        for record in records:
-            error = failed_topics.get(record.topic)
-            if error is not None:
-                futures.append(_failed(error))
-                continue
-            remaining = started + self.delivery_timeout_s - time.monotonic()
-            try:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
-                # cancellation that arrives as the send completes, and the stage never stops
-                async with asyncio.timeout(max(0.1, remaining)):
-                    future = await self.producer.send(record.topic, record.value, key=record.key)
-            except (KafkaError, TimeoutError) as exc:  # e.g. no metadata for the topic
-                if isinstance(exc, TimeoutError):
-                    exc = TimeoutError(f"no metadata or buffer space within {remaining:.0f}s")
-                failed_topics[record.topic] = exc
-                future = _failed(exc)
-            futures.append(future)
+        remaining = started + self.delivery_timeout_s - time.monotonic()
+        try:
+            # one deadline for the whole call, not a timeout per record (≈ 4.5 µs each); and
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that arrives as the send completes, and the stage never stops
+            async with asyncio.timeout(max(0.1, remaining)):
+                for record in records:
+                    error = failed_topics.get(record.topic)
+                    if error is not None:
+                        futures.append(_failed(error))
+                        continue
+                    try:
+                        future = await self.producer.send(
+                            record.topic, record.value, key=record.key
+                        )
+                    except KafkaError as exc:  # e.g. no metadata for the topic
+                        failed_topics[record.topic] = exc
+                        future = _failed(exc)
+                    futures.append(future)
+        except TimeoutError:
+            late = TimeoutError(f"no metadata or buffer space within {max(0.1, remaining):.0f}s")
+            futures += [_failed(late) for _ in records[len(futures) :]]
         return futures
 
     async def confirm(self, sent: Sent, retry: bool = True) -> None:
