@@ -33,8 +33,11 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     UnsupportedSaslMechanismError,
 )
+from aiokafka.partitioner import DefaultPartitioner
 
 log = structlog.get_logger(__name__)
+
+_PARTITIONER = DefaultPartitioner()  # what AIOKafkaProducer uses unless told otherwise
 
 NOT_RETRIABLE: tuple[type[BaseException], ...] = (
     MessageSizeTooLargeError,
@@ -120,31 +123,90 @@ class Publisher:
     async def _send_each(
         self, records: list[OutputRecord], started: float
     ) -> list[asyncio.Future[Any]]:
-        futures: list[asyncio.Future[Any]] = []
-        failed_topics: dict[str, BaseException] = {}  # a topic that failed fails the rest at once
+        """Hand records to the producer as whole batches, per topic partition (``send_batch``):
+        every record's future is its batch's. ``send`` per record cost ≈ 20 µs of the event
+        loop's time at 7,000 posts/s (partition lookup, accumulator, a future per record).
+        Partitions are the producer's default partitioner's choice: murmur2 of the key, as the
+        Java client hashes it; a random available partition for a record without a key."""
+        futures: list[asyncio.Future[Any] | None] = [None] * len(records)
         remaining = started + self.delivery_timeout_s - time.monotonic()
         try:
             # one deadline for the whole call, not a timeout per record (≈ 4.5 µs each); and
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
             # that arrives as the send completes, and the stage never stops
             async with asyncio.timeout(max(0.1, remaining)):
-                for record in records:
-                    error = failed_topics.get(record.topic)
-                    if error is not None:
-                        futures.append(_failed(error))
-                        continue
-                    try:
-                        future = await self.producer.send(
-                            record.topic, record.value, key=record.key
-                        )
-                    except KafkaError as exc:  # e.g. no metadata for the topic
-                        failed_topics[record.topic] = exc
-                        future = _failed(exc)
-                    futures.append(future)
+                groups = await self._by_partition(records, futures)
+                for (topic, partition), members in groups.items():
+                    await self._send_partition(topic, partition, records, members, futures)
         except TimeoutError:
             late = TimeoutError(f"no metadata or buffer space within {max(0.1, remaining):.0f}s")
-            futures += [_failed(late) for _ in records[len(futures) :]]
-        return futures
+            futures = [_failed(late) if f is None else f for f in futures]
+        handed = [f for f in futures if f is not None]
+        assert len(handed) == len(records), "every record has a future"
+        return handed
+
+    async def _by_partition(
+        self, records: list[OutputRecord], futures: list[asyncio.Future[Any] | None]
+    ) -> dict[tuple[str, int], list[int]]:
+        """Record indices per (topic, partition), in order; a topic whose metadata cannot be
+        had fails its records (their futures) at once."""
+        groups: dict[tuple[str, int], list[int]] = {}
+        topics: dict[str, tuple[list[int], list[int]] | BaseException] = {}
+        for n, record in enumerate(records):
+            known = topics.get(record.topic)
+            if known is None:
+                try:
+                    partitions = sorted(await self.producer.partitions_for(record.topic))
+                    cluster = self.producer.client.cluster
+                    available = list(cluster.available_partitions_for_topic(record.topic) or ())
+                    known = (partitions, available)
+                except KafkaError as exc:  # e.g. the topic does not exist
+                    known = exc
+                topics[record.topic] = known
+            if isinstance(known, BaseException):
+                futures[n] = _failed(known)
+                continue
+            partition = _PARTITIONER(record.key, *known)
+            groups.setdefault((record.topic, partition), []).append(n)
+        return groups
+
+    async def _send_partition(
+        self,
+        topic: str,
+        partition: int,
+        records: list[OutputRecord],
+        members: list[int],
+        futures: list[asyncio.Future[Any] | None],
+    ) -> None:
+        """``records[members]``, in order, in as few producer batches as they fit."""
+        batch = self.producer.create_batch()
+        in_batch: list[int] = []
+        for n in members:
+            record = records[n]
+            if batch.append(key=record.key, value=record.value, timestamp=None) is None:  # full
+                await self._send_batch(batch, topic, partition, in_batch, futures)
+                batch, in_batch = self.producer.create_batch(), []
+                # a batch takes its first record whatever its size
+                batch.append(key=record.key, value=record.value, timestamp=None)
+            in_batch.append(n)
+        await self._send_batch(batch, topic, partition, in_batch, futures)
+
+    async def _send_batch(
+        self,
+        batch: Any,
+        topic: str,
+        partition: int,
+        members: list[int],
+        futures: list[asyncio.Future[Any] | None],
+    ) -> None:
+        try:
+            future: asyncio.Future[Any] = await self.producer.send_batch(
+                batch, topic, partition=partition
+            )
+        except KafkaError as exc:
+            future = _failed(exc)
+        for n in members:
+            futures[n] = future
 
     async def confirm(self, sent: Sent, retry: bool = True) -> None:
         """Wait for every acknowledgement, re-sending failures until the delivery timeout.
