@@ -395,11 +395,11 @@ class ReviewPolicy:
                     )
                 )
         reasons += self._watch(mean, std, sampled, predicted)
-        if self._neutral_fires(mean, predicted):
+        if self.neutral is not None and self._neutral_fires(mean, predicted):
             reasons.append(
                 ReviewReason(
                     rule="low_confidence_neutral",
-                    label=self.label_names[self.neutral],  # type: ignore[index]
+                    label=self.label_names[self.neutral],
                     value=_round(mean[self.neutral]),
                     cut=c.low_confidence_neutral,
                     message=(
