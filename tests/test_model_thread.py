@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from pathlib import Path
 from typing import Any
@@ -72,3 +73,18 @@ def test_a_model_thread_handed_in_runs_the_engine_and_outlives_the_pipeline(
         asyncio.run(pipeline._close())
         assert recorder.threads["engine"] == caller
         assert executor.submit(threading.get_ident).result() == caller  # still running
+
+
+def test_what_is_alive_once_the_model_is_ready_is_frozen_until_close(
+    test_model_dir: Path, test_classifier: Classifier
+) -> None:
+    """The cyclic collector skips the model and libraries while the worker runs (see
+    ``pipeline.freeze_long_lived_objects``) and sees them again once it stops."""
+    gc.unfreeze()
+    pipeline = Pipeline(_settings(test_model_dir), classifier=test_classifier)
+    try:
+        asyncio.run(pipeline._load_model())
+        assert gc.get_freeze_count() > 10_000  # the model, tokenizer and libraries
+    finally:
+        asyncio.run(pipeline._close())
+    assert gc.get_freeze_count() == 0
