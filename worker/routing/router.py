@@ -122,9 +122,14 @@ def predicted_label_lists(mean: np.ndarray, thresholds: np.ndarray) -> list[list
     mean = np.asarray(mean, dtype=np.float64)
     if mean.size == 0:
         return [[] for _ in range(len(mean))]
-    chosen = predicted_mask(mean, np.asarray(thresholds, dtype=np.float64)).tolist()
+    return _most_probable_first(mean, predicted_mask(mean, np.asarray(thresholds, np.float64)))
+
+
+def _most_probable_first(mean: np.ndarray, chosen: np.ndarray) -> list[list[int]]:
+    """Per row, the ``chosen`` (B, L) labels ordered by ``mean``, most probable first."""
     order = np.argsort(-mean, axis=1, kind="stable").tolist()
-    return [[j for j in row_order if row[j]] for row_order, row in zip(order, chosen, strict=True)]
+    rows = chosen.tolist()
+    return [[j for j in row_order if row[j]] for row_order, row in zip(order, rows, strict=True)]
 
 
 def _rounded(values: Any, digits: int) -> list[Any]:
@@ -166,8 +171,9 @@ class Router:
         predictive_entropy = _rounded(summary.predictive_entropy, 6)
         expected_entropy = _rounded(summary.expected_entropy, 6)
         mutual_information = _rounded(summary.mutual_information, 6)
-        predicted = predicted_mask(np.asarray(summary.mean, dtype=np.float64), self.thresholds)
-        predicted_lists = predicted_label_lists(summary.mean, self.thresholds)
+        mean = np.asarray(summary.mean, dtype=np.float64)
+        predicted = predicted_mask(mean, self.thresholds)
+        predicted_lists = _most_probable_first(mean, predicted)
         decisions = self.policy.decide_all(summary, predicted_lists, scores)
         sampled_array = np.asarray(summary.n_samples) > 1
         sampled_posts = sampled_array.tolist()
