@@ -88,3 +88,22 @@ def test_what_is_alive_once_the_model_is_ready_is_frozen_until_close(
     finally:
         asyncio.run(pipeline._close())
     assert gc.get_freeze_count() == 0
+
+
+def test_a_host_programs_frozen_objects_stay_frozen_after_close(
+    test_model_dir: Path, test_classifier: Classifier
+) -> None:
+    """A program that froze objects itself before embedding the pipeline keeps them frozen."""
+    gc.unfreeze()
+    gc.freeze()
+    host_frozen = gc.get_freeze_count()
+    assert host_frozen > 0
+    pipeline = Pipeline(_settings(test_model_dir), classifier=test_classifier)
+    try:
+        asyncio.run(pipeline._load_model())
+        assert gc.get_freeze_count() >= host_frozen
+    finally:
+        asyncio.run(pipeline._close())
+        frozen_after = gc.get_freeze_count()
+        gc.unfreeze()
+    assert frozen_after >= host_frozen

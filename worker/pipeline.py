@@ -163,6 +163,7 @@ class Pipeline:
         self._fatal: FatalError | None = None
         self._failures_in_a_row = 0  # posts that failed inference alone, in a row
         self._model_ready = False
+        self._froze_objects = False  # whether this pipeline's freeze was the process's first
         self._batches = 0
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -235,7 +236,7 @@ class Pipeline:
             self._model_thread, self._processor_factory, classifier, self.settings
         )
         self.processor = processor
-        freeze_long_lived_objects()
+        self._froze_objects = freeze_long_lived_objects()
         self._model_ready = True
         self.metrics.review_target.set(processor.router.policy.config.target_rate or 0)
         log.info(
@@ -364,7 +365,9 @@ class Pipeline:
         await _stop_quietly(self.consumer, self.producer)
         if self._owns_model_thread:
             self._model_thread.shutdown(wait=False, cancel_futures=True)
-        gc.unfreeze()  # a process that goes on without this pipeline collects them again
+        if self._froze_objects:  # a process that goes on without the pipeline collects them again
+            gc.unfreeze()  # (not when the host froze objects of its own: it unfreezes those)
+            self._froze_objects = False
         self._cpu_thread.shutdown(wait=False, cancel_futures=True)
         if self.http is not None:
             await self.http.stop()
@@ -887,7 +890,7 @@ async def _stop_quietly(*clients: Any) -> None:
                 await asyncio.wait_for(client.stop(), 10)
 
 
-def freeze_long_lived_objects() -> None:
+def freeze_long_lived_objects() -> bool:
     """Collect, then move every object alive now (the model, tokenizer and libraries: some
     500,000 objects that live as long as the process) out of the cyclic collector's sight.
 
@@ -895,7 +898,12 @@ def freeze_long_lived_objects() -> None:
     measured against them, runs so rarely that cyclic garbage piles up for minutes. aiokafka
     frees a fetched response (up to ``max_partition_fetch_bytes``) only through that collector
     when its records are not read to the end (a paused or revoked partition): its record
-    iterator refers back to it. Under a 10x overload the worker's memory grew ≈ 1 MB/s."""
+    iterator refers back to it. Under a 10x overload the worker's memory grew ≈ 1 MB/s.
+
+    Returns whether nothing was frozen before (only then may the caller unfreeze everything
+    later: a host program's own frozen objects stay frozen)."""
+    first = gc.get_freeze_count() == 0
     gc.collect()
     gc.freeze()
     gc.collect()  # measures the collector's next full pass against what is left, not all of it
+    return first
