@@ -107,3 +107,25 @@ def test_float32_engines_use_the_model_itself(test_model_dir: Path) -> None:
     classifier = load_classifier(ModelSettings(path=str(test_model_dir), device="cpu"))
     engine = McDropoutEngine(classifier, EngineConfig(n_samples=2, precision="fp32"))
     assert engine.sampling_model is classifier.model
+
+
+def test_a_model_that_cannot_be_copied_is_used_as_it_is_and_copied_once() -> None:
+    """A model holding something unpicklable (an onnxruntime session, say) runs as it is under
+    autocast, and the next engine does not try the failing copy again."""
+    from torch import nn
+
+    from worker.inference.engine import low_precision_copy
+
+    attempts = []
+
+    class Session:
+        def __deepcopy__(self, memo: dict[int, object]) -> Session:
+            attempts.append(1)
+            raise TypeError("cannot pickle 'Session' object")
+
+    model = nn.Sequential(nn.Linear(4, 2))
+    model.session = Session()  # type: ignore[assignment]
+    assert low_precision_copy(model, torch.bfloat16) is model
+    assert low_precision_copy(model, torch.bfloat16) is model
+    assert len(attempts) == 1
+    assert model[0].weight.dtype == torch.float32

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # of the MC passes: see inference/precision.py
+
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
@@ -179,7 +181,7 @@ class ModelSettings(BaseModel):
         description="full: every dropout layer stochastic for all N samples; fast: adaptive "
         "sampling (see the README); off: one deterministic pass.",
     )
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: Precision = Field(
         "auto",
         description="Matmul precision of the MC passes: auto (bf16 where the CPU or GPU has it "
         "natively, else fp32), fp32, bf16 or fp16 (autocast; see the README).",

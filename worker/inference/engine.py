@@ -234,6 +234,7 @@ def low_precision_copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         try:
             twin = copy.deepcopy(model, shared)
         except (TypeError, RuntimeError, copy.Error):  # unpicklable members
+            copies[dtype] = model  # remembered: the next engine does not try again
             return model
         for module in twin.modules():
             if isinstance(module, nn.Linear):

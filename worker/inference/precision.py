@@ -15,11 +15,12 @@ elsewhere: emulated bfloat16 is slower than float32.
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
 
 import torch
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
+from worker.settings import Precision
+
+__all__ = ["DTYPES", "Precision", "autocast", "native_bf16", "resolve_precision"]
 
 DTYPES: dict[str, torch.dtype | None] = {
     "fp32": None,
