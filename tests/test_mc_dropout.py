@@ -17,7 +17,13 @@ from worker.inference.dropout import (
     mc_dropout_modules,
     set_mc_dropout,
 )
-from worker.inference.engine import EngineConfig, McDropoutEngine, length_chunks, pad
+from worker.inference.engine import (
+    EngineConfig,
+    McDropoutEngine,
+    length_chunks,
+    pad,
+    sample_rounds,
+)
 from worker.inference.loading import Classifier
 
 TEXTS = EXAMPLE_TEXTS
@@ -303,9 +309,19 @@ def test_fast_mode_samples_undecided_posts_up_to_n(
     e = engine(classifier, mode="fast", n_samples=n, first_samples=first, seed=1)
     summary = e.predict(token_ids)
     assert summary.n_samples[0] == n
-    # the undecided get their samples doubled each round: 4, 8, 16
-    assert set(summary.n_samples.tolist()) <= {4, 8, 16}
+    # every post stops at the end of a round: 4, 6, 9, 14, 16 (x 1.5, rounded up)
+    assert sample_rounds(first, n, e.config.growth) == [4, 6, 9, 14, 16]
+    assert set(summary.n_samples.tolist()) <= {4, 6, 9, 14, 16}
     assert ((summary.n_samples >= first) & (summary.n_samples <= n)).all()
+
+
+def test_sample_rounds_grow_geometrically_up_to_n() -> None:
+    assert sample_rounds(12, 30, 1.5) == [12, 18, 27, 30]  # the defaults
+    assert sample_rounds(8, 30, 2.0) == [8, 16, 30]
+    assert sample_rounds(1, 4, 1.1) == [1, 2, 3, 4]  # at least one more sample a round
+    assert sample_rounds(8, 3, 1.5) == [3]  # n below the first round
+    with pytest.raises(ValueError, match="growth"):
+        sample_rounds(8, 30, 1.0)
 
 
 def test_fast_mode_with_n_below_first_samples(

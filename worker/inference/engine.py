@@ -16,10 +16,14 @@ Modes:
 * ``fast``: adaptive sampling (optionally on an int8 copy of the linear layers on the CPU: 2x
   faster, but it moved label sets further from full MC than MC noise does, so it is off by
   default; see the README's MC Dropout section). Every post first gets
-  ``first_samples``; then, in rounds that double the samples, only posts whose outcome could still
-  change keep sampling: a label mean within ``z`` standard errors of its threshold (the label set
-  could flip), or a place among the batch's most uncertain ``watch_top_share`` (the review
-  decision could flip). Far-from-threshold, unremarkable posts stop early.
+  ``first_samples`` (12); then, in rounds that multiply the samples by ``growth`` (12, 18, 27,
+  30), only posts whose label set could still change keep sampling: a label mean within ``z``
+  (1.5) standard errors of its threshold. Optionally the batch's top ``watch_top_share`` by
+  mutual information samples fully (off by default: it cost a sample per post and measured no
+  gain in agreement). Measured on stored samples of 1,600 dev posts: agreement on label sets
+  hardly depends on ``z`` (near a threshold the full-MC reference is itself a coin toss), while
+  the ranking by mutual information depends on the samples every post gets, hence many first
+  samples and a low ``z`` rather than few first samples and a high one.
 * ``off``: one deterministic pass (also used for models without dropout).
 
 Precision (``precision.py``): ``fp32``, or the matmuls in bfloat16/float16 under autocast.
@@ -32,6 +36,8 @@ casts.
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -58,9 +64,10 @@ class EngineConfig:
     max_tokens_per_forward: int = 1024
     samples_per_forward: int = 0  # 0: as many as fit the token budget
     fast_dropout: bool = True  # cheaper dropout masks on the CPU (see fast_dropout.py)
-    first_samples: int = 8  # fast mode: samples every post gets
-    z: float = 3.0  # fast mode: more samples while |mean - t| < z * standard error
-    watch_top_share: float = 0.2  # fast mode: the batch's most uncertain share samples fully
+    first_samples: int = 12  # fast mode: samples every post gets
+    growth: float = 1.5  # fast mode: each round multiplies an undecided post's samples by this
+    z: float = 1.5  # fast mode: more samples while |mean - t| < z * standard error
+    watch_top_share: float = 0.0  # fast mode: the batch's top share by MI samples fully
     int8: bool = False  # fast mode: dynamically quantised linear layers on the CPU (unfaithful)
     precision: Precision = "auto"  # see precision.py
 
@@ -136,18 +143,16 @@ class McDropoutEngine:
         return acc.summary()
 
     def _adaptive(self, model: nn.Module, token_ids: list[list[int]], acc: McAccumulator) -> None:
-        n, first = self.n_samples, min(self.config.first_samples, self.n_samples)
+        rounds = sample_rounds(self.config.first_samples, self.n_samples, self.config.growth)
         active = list(range(len(token_ids)))
-        self._sample(model, token_ids, active, first, acc)
+        self._sample(model, token_ids, active, rounds[0], acc)
         watched = set(self.most_uncertain(acc, len(token_ids)))
-        drawn = first
-        while drawn < n and active:
+        for drawn, target in itertools.pairwise(rounds):
             undecided = self.undecided(acc, active)
             active = [i for i, u in zip(active, undecided, strict=True) if u or i in watched]
-            step = min(n - drawn, drawn)  # double the samples of undecided posts each round
-            if active:
-                self._sample(model, token_ids, active, step, acc)
-            drawn += step
+            if not active:
+                break
+            self._sample(model, token_ids, active, target - drawn, acc)
 
     def undecided(self, acc: McAccumulator, rows: list[int]) -> list[bool]:
         """Posts whose predicted label set could still change with more samples."""
@@ -191,6 +196,17 @@ class McDropoutEngine:
                 )
                 acc.add(index.repeat(k), probs)
                 remaining -= k
+
+
+def sample_rounds(first: int, n: int, growth: float) -> list[int]:
+    """Fast mode: the samples an undecided post has after each round (``first``, then times
+    ``growth``, rounded up, until ``n``); e.g. 12, 18, 27, 30."""
+    if growth <= 1.0:
+        raise ValueError(f"growth must be above 1, not {growth}")
+    counts = [max(1, min(first, n))]
+    while counts[-1] < n:
+        counts.append(min(n, max(counts[-1] + 1, math.ceil(counts[-1] * growth))))
+    return counts
 
 
 def uses_int8(classifier: Classifier, config: EngineConfig, mode: McMode) -> bool:
