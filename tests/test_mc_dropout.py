@@ -353,3 +353,27 @@ def test_length_chunks_respect_the_token_budget() -> None:
         longest = max(lengths[i] for i in chunk)
         assert len(chunk) * longest <= 64 or len(chunk) == 1
         assert [lengths[i] for i in chunk] == sorted(lengths[i] for i in chunk)
+
+
+def test_each_chunk_runs_its_samples_in_one_full_pass(
+    classifier: Classifier, token_ids: list[list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of budget / n tokens, each run once with its n copies: every pass stays within the
+    budget, every post gets exactly n samples, and little padding is computed."""
+    budget, n = 256, 8
+    shapes: list[tuple[int, int]] = []
+    probabilities = classifier.adapter.probabilities
+
+    def recording(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(ids.shape))
+        return probabilities(model, ids, mask)
+
+    monkeypatch.setattr(classifier.adapter, "probabilities", recording)
+    e = engine(classifier, mode="full", n_samples=n, seed=2, max_tokens_per_forward=budget)
+    summary = e.predict(token_ids)
+    np.testing.assert_array_equal(summary.n_samples, [n] * len(token_ids))
+    chunks = list(length_chunks([len(t) for t in token_ids], budget // n))
+    assert len(shapes) == len(chunks)  # one pass per chunk
+    assert all(rows * width <= budget or rows == n for rows, width in shapes)
+    padded = sum(rows * width for rows, width in shapes)
+    assert padded <= 1.3 * n * sum(len(t) for t in token_ids)

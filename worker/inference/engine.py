@@ -2,10 +2,12 @@
 
 Arrangement (what measured fastest on CPU; see ``emoworker bench``):
 
-1. posts are sorted by length and cut into chunks under a token budget, so little padding is
-   computed and activations stay in cache (small chunks measured faster than large ones here);
-2. when a chunk is smaller than the budget, a forward pass carries several copies of it (more
-   rows per matmul, fewer Python calls); the copies get independent dropout masks;
+1. posts are sorted by length and cut into chunks of about ``max_tokens_per_forward / n``
+   tokens (padded), for n samples per post: neighbours in length order, so almost no padding;
+2. a forward pass carries the n copies of a chunk (up to ``max_tokens_per_forward`` tokens in
+   all: a pass is full however few posts are left to sample); the copies get independent dropout
+   masks. Measured against chunks of the whole budget with fewer copies (the arrangement before):
+   1.13-1.25x in full mode, 1.04-1.23x in fast mode (8 interleaved pairs, bf16 and fp32);
 3. on the CPU, dropout masks come from random lanes and bit operations (``fast_dropout.py``):
    PyTorch's own per-element Bernoulli draws cost as much as the matmuls;
 4. results go into running sums (``McAccumulator``), never a (N, B, L) tensor.
@@ -182,7 +184,10 @@ class McDropoutEngine:
         budget = self.config.max_tokens_per_forward
         lengths = [len(token_ids[i]) for i in rows]
         device = self.classifier.device
-        for chunk in length_chunks(lengths, budget):
+        # chunks of budget / n tokens, each run once with its n copies in one pass: nearly no
+        # padding, and full passes even when few posts are left (fast mode's later rounds)
+        chunk_budget = budget if self.config.samples_per_forward else max(1, budget // n)
+        for chunk in length_chunks(lengths, chunk_budget):
             posts = [rows[i] for i in chunk]
             ids, mask = pad([token_ids[i] for i in posts], self.classifier.pad_id, device)
             per_forward = self.config.samples_per_forward or max(1, budget // ids.numel())
