@@ -92,3 +92,25 @@ def test_transport_bench_counts_every_post_through_its_reader_process(
     )
     assert result["posts"] == 300
     assert result["seconds"] > 0 and result["posts_per_s"] == pytest.approx(300 / result["seconds"])
+
+
+def test_fidelity_of_one_deterministic_pass_has_no_spearman() -> None:
+    """Constant mutual information (one pass) has no ranking: NaN, without scipy's warning."""
+    import warnings
+
+    import numpy as np
+
+    from worker.bench.inference import fidelity
+    from worker.inference.uncertainty import summarise_samples
+
+    rng = np.random.default_rng(0)
+    thresholds = np.full(4, 0.5)
+    targets = (rng.random((40, 4)) > 0.5).astype(np.int8)
+    sampled = summarise_samples(rng.random((8, 40, 4)), thresholds)
+    single = summarise_samples(rng.random((1, 40, 4)), thresholds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = fidelity(single, sampled, thresholds, targets)
+    assert np.isnan(result["spearman"])
+    assert 0.0 <= result["label_set_agreement"] <= 1.0
+    assert fidelity(sampled, sampled, thresholds, targets)["spearman"] == pytest.approx(1.0)

@@ -143,7 +143,13 @@ def fidelity(
         flag[np.argsort(-s, kind="stable")[:k]] = True
         return flag
 
-    rho = spearmanr(run.mutual_information, reference.mutual_information).statistic
+    constant = np.ptp(run.mutual_information) == 0 or np.ptp(reference.mutual_information) == 0
+    # one deterministic pass has no mutual information to rank: no correlation (and no warning)
+    rho = (
+        float("nan")
+        if constant
+        else spearmanr(run.mutual_information, reference.mutual_information).statistic
+    )
     predictions = cross_fitted_predictions(targets[:n], run.mean)
     post_f1 = per_post_f1(targets[:n], predictions)
     wrong = top_label_wrong(targets[:n], run.mean)
