@@ -355,7 +355,7 @@ def test_length_chunks_respect_the_token_budget() -> None:
         assert [lengths[i] for i in chunk] == sorted(lengths[i] for i in chunk)
 
 
-def test_each_chunk_runs_its_samples_in_one_full_pass(
+def test_each_chunk_runs_its_samples_in_one_pass(
     classifier: Classifier, token_ids: list[list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Chunks of budget / n tokens, each run once with its n copies: every pass stays within the
