@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator, model_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # of the MC passes: see inference/precision.py
+McMode = Literal["full", "fast", "off"]  # how the MC samples are drawn: see inference/engine.py
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -176,7 +177,7 @@ class ModelSettings(BaseModel):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where inference runs.")
     n_samples: int = Field(30, ge=1, le=1000, description="MC Dropout samples per post.")
-    mc_mode: Literal["full", "fast", "off"] = Field(
+    mc_mode: McMode = Field(
         "full",
         description="full: every dropout layer stochastic for all N samples; fast: adaptive "
         "sampling (see the README); off: one deterministic pass.",

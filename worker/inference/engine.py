@@ -45,7 +45,6 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
@@ -55,8 +54,7 @@ from worker.inference.fast_dropout import install_fast_dropout
 from worker.inference.loading import Classifier
 from worker.inference.precision import DTYPES, Precision, autocast, resolve_precision
 from worker.inference.uncertainty import McAccumulator, McSummary
-
-McMode = Literal["full", "fast", "off"]
+from worker.settings import McMode
 
 
 @dataclass
