@@ -18,11 +18,14 @@ from worker.inference.dropout import (
     set_mc_dropout,
 )
 from worker.inference.engine import (
+    CPU_TOKENS_PER_FORWARD,
+    GPU_TOKENS_PER_FORWARD,
     EngineConfig,
     McDropoutEngine,
     length_chunks,
     pad,
     sample_rounds,
+    tokens_per_forward_for,
 )
 from worker.inference.loading import Classifier
 
@@ -355,12 +358,9 @@ def test_length_chunks_respect_the_token_budget() -> None:
         assert [lengths[i] for i in chunk] == sorted(lengths[i] for i in chunk)
 
 
-def test_each_chunk_runs_its_samples_in_one_pass(
-    classifier: Classifier, token_ids: list[list[int]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Chunks of budget / n tokens, each run once with its n copies: every pass stays within the
-    budget, every post gets exactly n samples, and little padding is computed."""
-    budget, n = 256, 8
+@pytest.fixture
+def pass_shapes(classifier: Classifier, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(rows, width) of every forward pass the classifier runs in the test."""
     shapes: list[tuple[int, int]] = []
     probabilities = classifier.adapter.probabilities
 
@@ -369,11 +369,35 @@ def test_each_chunk_runs_its_samples_in_one_pass(
         return probabilities(model, ids, mask)
 
     monkeypatch.setattr(classifier.adapter, "probabilities", recording)
+    return shapes
+
+
+def test_each_chunk_runs_its_samples_in_one_pass(
+    classifier: Classifier, token_ids: list[list[int]], pass_shapes: list[tuple[int, int]]
+) -> None:
+    """Chunks of budget / n tokens, each run once with its n copies: every pass stays within the
+    budget, every post gets exactly n samples, and little padding is computed."""
+    budget, n = 256, 8
     e = engine(classifier, mode="full", n_samples=n, seed=2, max_tokens_per_forward=budget)
     summary = e.predict(token_ids)
     np.testing.assert_array_equal(summary.n_samples, [n] * len(token_ids))
     chunks = list(length_chunks([len(t) for t in token_ids], budget // n))
-    assert len(shapes) == len(chunks)  # one pass per chunk
-    assert all(rows * width <= budget or rows == n for rows, width in shapes)
-    padded = sum(rows * width for rows, width in shapes)
+    assert len(pass_shapes) == len(chunks)  # one pass per chunk
+    assert all(rows * width <= budget or rows == n for rows, width in pass_shapes)
+    padded = sum(rows * width for rows, width in pass_shapes)
     assert padded <= 1.3 * n * sum(len(t) for t in token_ids)
+
+
+def test_the_default_token_budget_depends_on_the_device(
+    classifier: Classifier, token_ids: list[list[int]], pass_shapes: list[tuple[int, int]]
+) -> None:
+    """0 (the default) means the device's budget: every CPU pass within 1,024 tokens, in as few
+    passes as that budget allows; a GPU's budget is far larger (one pass must fill it)."""
+    assert tokens_per_forward_for(torch.device("cpu")) == CPU_TOKENS_PER_FORWARD == 1024
+    assert tokens_per_forward_for(torch.device("cuda")) == GPU_TOKENS_PER_FORWARD >= 64 * 1024
+    n = 30
+    many = token_ids * 8
+    summary = engine(classifier, mode="full", n_samples=n, seed=3).predict(many)
+    np.testing.assert_array_equal(summary.n_samples, [n] * len(many))
+    assert all(rows * width <= 1024 for rows, width in pass_shapes)
+    assert len(pass_shapes) == len(list(length_chunks([len(t) for t in many], 1024 // n)))

@@ -51,6 +51,21 @@ def test_settings_reach_the_engine_and_the_events(test_model_dir: Path) -> None:
     processor = BatchProcessor(classifier, settings)
     assert processor.engine.precision == "bf16"
     assert processor.model_info["precision"] == "bf16"
+    assert processor.engine.config.max_tokens_per_forward == 0  # auto: the device's budget
+
+
+def test_the_token_budget_setting_reaches_the_engine(
+    test_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.processing import BatchProcessor
+    from worker.settings import WorkerSettings
+
+    monkeypatch.setenv("EMOWORKER_MODEL__PATH", str(test_model_dir))
+    monkeypatch.setenv("EMOWORKER_MODEL__DEVICE", "cpu")
+    monkeypatch.setenv("EMOWORKER_MODEL__MAX_TOKENS_PER_FORWARD", "4096")
+    settings = WorkerSettings()
+    processor = BatchProcessor(load_classifier(settings.model), settings)
+    assert processor.engine.config.max_tokens_per_forward == 4096
 
 
 def test_seeded_bf16_samples_the_same_masks_as_fp32(test_model_dir: Path) -> None:

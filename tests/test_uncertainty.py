@@ -168,6 +168,26 @@ def test_random_chunking_equals_all_at_once() -> None:
         )
 
 
+def test_a_new_post_sampled_several_times_in_one_add_keeps_exact_statistics() -> None:
+    """Its first sample in that pass becomes its shift (chosen on the device, no host check):
+    identical samples still give exactly zero spread, different ones the reference's."""
+    acc = McAccumulator(3, 2, torch.as_tensor(THRESHOLDS))
+    same = np.array([0.7, 0.9999])
+    acc.add(
+        torch.tensor([0, 1, 0, 1, 0]),
+        torch.as_tensor(np.stack([same, SAMPLES[0, 1], same, SAMPLES[1, 1], same])),
+    )
+    acc.add(torch.tensor([1, 0]), torch.as_tensor(np.stack([SAMPLES[2, 1], same])))
+    summary = acc.summary()
+    np.testing.assert_array_equal(summary.n_samples, [4, 3, 0])
+    np.testing.assert_array_equal(summary.std[0], [0.0, 0.0])
+    np.testing.assert_array_equal(summary.mean[0], same)
+    reference = summarise_samples(SAMPLES, THRESHOLDS)
+    np.testing.assert_allclose(summary.mean[1], reference.mean[1], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(summary.std[1], reference.std[1], rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(summary.mean[2], [0.0, 0.0])  # never sampled
+
+
 def test_posts_with_different_sample_counts() -> None:
     acc = McAccumulator(2, 2, torch.as_tensor(THRESHOLDS))
     acc.add(torch.tensor([0, 0, 0, 1]), torch.as_tensor(np.stack([*SAMPLES[:, 0], SAMPLES[0, 1]])))

@@ -44,6 +44,7 @@ class BatchProcessor:
                 mode=settings.model.mc_mode,
                 seed=settings.model.seed,
                 precision=settings.model.precision,
+                max_tokens_per_forward=settings.model.max_tokens_per_forward,
             ),
         )
         self.model_info: dict[str, Any] = {

@@ -188,6 +188,12 @@ class ModelSettings(BaseModel):
         "natively, else fp32), fp32, bf16 or fp16 (autocast; see the README).",
     )
     seed: int | None = Field(None, description="Seed for reproducible MC samples (tests).")
+    max_tokens_per_forward: int = Field(
+        0,
+        ge=0,
+        description="Most tokens in one forward pass (padded posts x width x MC copies); bounds "
+        "the memory of a pass. 0: auto (1,024 on the CPU, 131,072 on a GPU).",
+    )
     max_length: int = Field(
         128, ge=8, description="Token window; longer texts are truncated for inference."
     )

@@ -62,7 +62,7 @@ class EngineConfig:
     n_samples: int = 30
     mode: McMode = "full"
     seed: int | None = None
-    max_tokens_per_forward: int = 1024
+    max_tokens_per_forward: int = 0  # 0: auto, tokens_per_forward_for(device)
     samples_per_forward: int = 0  # 0: as many as fit the token budget
     fast_dropout: bool = True  # cheaper dropout masks on the CPU (see fast_dropout.py)
     first_samples: int = 12  # fast mode: samples every post gets
@@ -82,7 +82,16 @@ def pad(
     for row, seq in enumerate(token_ids):
         ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
-    return ids.to(device), mask.to(device)
+    return to_device(ids, device), to_device(mask, device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device``; to a GPU through pinned memory, asynchronously: a
+    plain copy from pageable memory waits for the GPU to finish all queued work (the previous
+    pass) before the next pass can even be queued."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def length_chunks(lengths: list[int], max_tokens: int) -> Iterator[list[int]]:
@@ -105,7 +114,10 @@ class McDropoutEngine:
         self.classifier = classifier
         self.config = config
         self.mode: McMode = config.mode if classifier.supports_mc else "off"
-        self.thresholds = torch.as_tensor(classifier.thresholds, dtype=torch.float64)
+        self.device = classifier.device
+        self.thresholds = torch.as_tensor(
+            classifier.thresholds, dtype=torch.float64, device=self.device
+        )
         if classifier.device.type == "cpu" and config.fast_dropout and self.mode != "off":
             install_fast_dropout(classifier.model)
         self.precision = engine_precision(classifier, config, self.mode)
@@ -121,7 +133,9 @@ class McDropoutEngine:
 
     def predict(self, token_ids: list[list[int]]) -> McSummary:
         """MC statistics for each post, in input order."""
-        acc = McAccumulator(len(token_ids), len(self.classifier.label_names), self.thresholds)
+        acc = McAccumulator(
+            len(token_ids), len(self.classifier.label_names), self.thresholds, self.device
+        )
         if not token_ids:
             return acc.summary()
         if self.config.seed is not None:
@@ -157,7 +171,7 @@ class McDropoutEngine:
 
     def undecided(self, acc: McAccumulator, rows: list[int]) -> list[bool]:
         """Posts whose predicted label set could still change with more samples."""
-        index = torch.as_tensor(rows)
+        index = to_device(torch.as_tensor(rows), self.device)
         mean = acc.mean()[index]
         se = acc.standard_error()[index]
         near = (mean - self.thresholds).abs() < self.config.z * se.clamp(min=1e-4)
@@ -180,7 +194,7 @@ class McDropoutEngine:
         acc: McAccumulator,
     ) -> None:
         """Draw ``n`` samples for each post in ``rows`` into ``acc``."""
-        budget = self.config.max_tokens_per_forward
+        budget = self.config.max_tokens_per_forward or tokens_per_forward_for(self.device)
         lengths = [len(token_ids[i]) for i in rows]
         device = self.classifier.device
         # chunks of budget / n tokens, each run once with its n copies in one pass: nearly no
@@ -191,7 +205,7 @@ class McDropoutEngine:
             ids, mask = pad([token_ids[i] for i in posts], self.classifier.pad_id, device)
             per_forward = self.config.samples_per_forward or max(1, budget // ids.numel())
             per_forward = min(per_forward, n)
-            index = torch.as_tensor(posts)
+            index = to_device(torch.as_tensor(posts), device)
             remaining = n
             while remaining > 0:
                 k = min(per_forward, remaining)
@@ -200,6 +214,20 @@ class McDropoutEngine:
                 )
                 acc.add(index.repeat(k), probs)
                 remaining -= k
+
+
+CPU_TOKENS_PER_FORWARD = 1024
+GPU_TOKENS_PER_FORWARD = 131_072
+
+
+def tokens_per_forward_for(device: torch.device) -> int:
+    """The default token budget of one forward pass (padded rows x width, copies included).
+
+    On the CPU, passes of about 1,000 tokens already keep the matmuls efficient, and larger ones
+    only cost memory; a GPU needs passes a hundred times larger to be busy (``emoworker bench``
+    measures both). The budget also bounds the memory of one pass.
+    """
+    return GPU_TOKENS_PER_FORWARD if device.type == "cuda" else CPU_TOKENS_PER_FORWARD
 
 
 def sample_rounds(first: int, n: int, growth: float) -> list[int]:

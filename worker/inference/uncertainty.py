@@ -12,7 +12,8 @@ For a post with S samples of per-label sigmoid outputs p[s, l] and per-label thr
     threshold_distance = min_l |mean[l] - t[l]| / max(std[l], 0.001)            (small: ambiguous)
 
 Samples arrive in chunks (adaptive sampling adds samples to some posts only), so the statistics are
-kept as running sums, in float64.
+kept as running sums, in float64, on the device that computes the samples (on a GPU, moving each
+pass's probabilities to the host would stop the device at every pass).
 """
 
 from __future__ import annotations
@@ -33,31 +34,44 @@ def binary_entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 class McAccumulator:
-    """Running sums over MC samples for a batch of posts (float64)."""
+    """Running sums over MC samples for a batch of posts (float64, on ``device``)."""
 
-    def __init__(self, n_posts: int, n_labels: int, thresholds: torch.Tensor) -> None:
-        self.thresholds = thresholds.to(torch.float64)
-        self.count = torch.zeros(n_posts, dtype=torch.float64)
+    def __init__(
+        self,
+        n_posts: int,
+        n_labels: int,
+        thresholds: torch.Tensor,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.thresholds = thresholds.to(self.device, torch.float64)
+        self.count = self._zeros(n_posts)
         # sums are kept around a per-post shift (its first sample), so that the variance does
         # not lose precision to cancellation: identical samples give exactly zero
-        self.shift = torch.zeros(n_posts, n_labels, dtype=torch.float64)
-        self.sum = torch.zeros(n_posts, n_labels, dtype=torch.float64)
-        self.sum_sq = torch.zeros(n_posts, n_labels, dtype=torch.float64)
-        self.sum_entropy = torch.zeros(n_posts, dtype=torch.float64)
-        self.above = torch.zeros(n_posts, n_labels, dtype=torch.float64)
+        self.shift = self._zeros(n_posts, n_labels)
+        self.sum = self._zeros(n_posts, n_labels)
+        self.sum_sq = self._zeros(n_posts, n_labels)
+        self.sum_entropy = self._zeros(n_posts)
+        self.above = self._zeros(n_posts, n_labels)
+
+    def _zeros(self, *shape: int) -> torch.Tensor:
+        return torch.zeros(shape, dtype=torch.float64, device=self.device)
 
     def add(self, rows: torch.Tensor, probs: torch.Tensor) -> None:
         """Add one sample of ``probs`` (len(rows), n_labels) for the posts at ``rows``.
 
         ``rows`` may repeat a post (several samples in one forward pass).
         """
-        p = probs.detach().to(torch.float64).cpu()
-        rows = rows.cpu()
-        first = self.count[rows] == 0
-        if bool(first.any()):
-            self.shift[rows[first]] = p[first]
+        p = probs.detach().to(self.device, torch.float64)
+        rows = rows.to(self.device)
+        # a post's first sample becomes its shift; no host round trip (``if first.any()`` would
+        # wait for the device): rows not seen before take their sample, the others keep theirs
+        first = (self.count[rows] == 0).unsqueeze(1)
+        self.shift[rows] = torch.where(first, p, self.shift[rows])
         centred = p - self.shift[rows]
-        self.count.index_add_(0, rows, torch.ones(len(rows), dtype=torch.float64))
+        self.count.index_add_(
+            0, rows, torch.ones(len(rows), dtype=torch.float64, device=self.device)
+        )
         self.sum.index_add_(0, rows, centred)
         self.sum_sq.index_add_(0, rows, centred * centred)
         self.sum_entropy.index_add_(0, rows, binary_entropy(p).sum(dim=1))
@@ -84,13 +98,13 @@ class McAccumulator:
         above_share = self.above / n.unsqueeze(1)
         flip = torch.where(mean >= self.thresholds, 1 - above_share, above_share)
         return McSummary(
-            mean=mean.numpy(),
-            std=std.numpy(),
-            n_samples=self.count.numpy().astype(np.int64),
-            predictive_entropy=predictive.numpy(),
-            expected_entropy=expected.numpy(),
-            mutual_information=(predictive - expected).clamp(min=0).numpy(),
-            flip_rate=flip.numpy(),
+            mean=mean.cpu().numpy(),
+            std=std.cpu().numpy(),
+            n_samples=self.count.cpu().numpy().astype(np.int64),
+            predictive_entropy=predictive.cpu().numpy(),
+            expected_entropy=expected.cpu().numpy(),
+            mutual_information=(predictive - expected).clamp(min=0).cpu().numpy(),
+            flip_rate=flip.cpu().numpy(),
         )
 
 
