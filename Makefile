@@ -5,13 +5,14 @@ UV ?= python3 -m uv
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test chaos bench lint format schemas docs clean
+.PHONY: help setup demo test chaos bench bench-gpu lint format schemas docs clean
 
 help:
 	@echo "make demo    - start a local Kafka, stream sample posts through the worker, show a summary"
 	@echo "make test    - the test suite against a real Kafka broker (started locally if needed)"
 	@echo "make chaos   - long fault-injection tests (kills, rebalances, broker restarts, load)"
 	@echo "make bench   - throughput/latency/fidelity benchmark; writes bench/results/"
+	@echo "make bench-gpu - the inference benchmark sized for a CUDA GPU (no Kafka needed)"
 	@echo "make lint    - ruff and mypy"
 
 .venv/.synced: pyproject.toml uv.lock
@@ -32,6 +33,9 @@ chaos: setup
 
 bench: setup
 	$(PY) -m worker.cli bench
+
+bench-gpu: setup
+	$(PY) -m worker.bench.gpu
 
 lint: setup
 	.venv/bin/ruff format --check worker schemas tests bench

@@ -114,3 +114,48 @@ def test_fidelity_of_one_deterministic_pass_has_no_spearman() -> None:
     assert np.isnan(result["spearman"])
     assert 0.0 <= result["label_set_agreement"] <= 1.0
     assert fidelity(sampled, sampled, thresholds, targets)["spearman"] == pytest.approx(1.0)
+
+
+def test_gpu_bench_runs_its_parts_on_the_cpu_in_quick_mode(
+    test_model_dir: Path, tmp_path: Path
+) -> None:
+    """``python -m worker.bench.gpu --quick --device cpu``: the method table sized by the
+    device profile (engine methods timed on the posts repeated), the budget and batch sweep, the
+    memory probe; each part written as it ends; the CPU's latest.json never replaced."""
+    from worker.bench.gpu import run_gpu_bench
+
+    data = tmp_path / "posts.tsv"
+    lines = [f"{EXAMPLE_TEXTS[i % len(EXAMPLE_TEXTS)]}\t{i % 28}\tid{i}" for i in range(40)]
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "results"
+    result = run_gpu_bench(data, out, str(test_model_dir), "cpu", quick=True, log=lambda _: None)
+
+    files = list(out.glob("*-quick.json"))
+    assert len(files) == 1 and not (out / "latest.json").exists()
+    written = json.loads(files[0].read_text())
+    assert written["posts"] == 40 and written["n_samples"] == 4
+    by_name = {m["name"]: m for m in written["methods"]}
+    assert by_name["full"]["posts_timed"] == 80  # 40 posts, twice (quick profile)
+    assert by_name["full"]["posts_compared"] == 40
+    assert by_name["emcoder_loop"]["posts_timed"] == 16
+    assert by_name["full"]["label_set_agreement"] == 1.0
+    sweep = written["sweep"]
+    assert [(r["tokens_per_forward"], r["batch"]) for r in sweep[:2]] == [(256, 32), (1024, 32)]
+    best = max(sweep[:2], key=lambda r: r["posts_per_s"])["tokens_per_forward"]
+    assert [(r["tokens_per_forward"], r["batch"]) for r in sweep[2:]] == [(best, 16)]
+    assert all(r["posts"] == 80 and r["mean_samples"] == 4.0 for r in sweep)
+    assert written["memory"]["posts"] == 8 and written["memory"]["tokens_per_forward"] == 1024
+    assert "compiled" not in written  # GPU only
+    assert result["sweep"] == sweep
+
+
+def test_useful_flops_count_projections_and_attention() -> None:
+    """Per token and layer 2 (4 h^2 + 2 h i) + 4 L h: h = 4, i = 8, 2 layers, posts of 3 and 1
+    tokens: (2 * (64 + 64) * 3 + 4 * 9 * 4) + (2 * (64 + 64) + 4 * 4) = 912 + 272, twice."""
+    from types import SimpleNamespace
+
+    from worker.bench.gpu import useful_flops_per_sample
+
+    config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2)
+    classifier = SimpleNamespace(model=SimpleNamespace(config=config))
+    assert useful_flops_per_sample(classifier, [3, 1]) == 2 * (912 + 272)  # type: ignore[arg-type]

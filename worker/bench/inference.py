@@ -171,6 +171,28 @@ def _head(summary: McSummary, n: int) -> McSummary:
     return McSummary(**{f: getattr(summary, f)[:n] for f in fields})
 
 
+@dataclass
+class DeviceProfile:
+    """How the engine methods are sized and timed on a device.
+
+    On the CPU (the defaults) the engine methods are timed on the fidelity posts themselves, in
+    batches of 256. A GPU does those in a fraction of a second: it is timed on them repeated
+    (``timing_repeat`` times), in larger batches, after a warm-up; agreement is still measured on
+    the first copy.
+    """
+
+    engine_batch: int = 256
+    timing_repeat: int = 1
+    warmup: bool = False
+    tokens_per_forward: int = 0  # 0: the engine's default for the device
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> DeviceProfile:
+        if device.type == "cuda":
+            return cls(engine_batch=4096, timing_repeat=4, warmup=True)
+        return cls()
+
+
 def run_inference_bench(
     classifier: Classifier,
     texts: list[str],
@@ -180,19 +202,36 @@ def run_inference_bench(
     full_config: EngineConfig,
     fast_config: EngineConfig,
     log: Callable[[str], Any] = print,
+    profile: DeviceProfile | None = None,
 ) -> list[dict[str, Any]]:
-    """Time every method on the first ``speed_posts`` texts; fidelity on all ``texts``."""
+    """Time the loops on the first ``speed_posts`` texts and the engine's methods on all
+    ``texts`` (repeated, on a GPU: ``DeviceProfile``); fidelity on all ``texts``."""
+    device = classifier.device
+    profile = profile or DeviceProfile.for_device(device)
     tokens = classifier.tokenize(texts)
+    timed_tokens = tokens * profile.timing_repeat
     speed_tokens = tokens[:speed_posts]
     thresholds = np.asarray(classifier.thresholds)
     log(
         f"{len(texts)} posts, {np.mean([len(t) for t in speed_tokens]):.1f} tokens on average "
-        f"in the first {speed_posts}; N = {n_samples}"
+        f"in the first {speed_posts}; N = {n_samples}; engine methods timed on "
+        f"{len(timed_tokens)} posts in batches of {profile.engine_batch}"
     )
+    full_config = _with(full_config, max_tokens_per_forward=profile.tokens_per_forward)
+    fast_config = _with(fast_config, max_tokens_per_forward=profile.tokens_per_forward)
+
+    def on_timed_posts(config: EngineConfig) -> McSummary:
+        return engine_run(classifier, timed_tokens, config, batch=profile.engine_batch)
 
     def full(seed: int, precision: Precision = "fp32") -> McSummary:
-        config = _with(full_config, seed=seed, n_samples=n_samples, precision=precision)
-        return engine_run(classifier, tokens, config)
+        return on_timed_posts(
+            _with(full_config, seed=seed, n_samples=n_samples, precision=precision)
+        )
+
+    if profile.warmup:  # kernels loaded, libraries' handles made, allocator filled
+        for precision in ("fp32", "bf16", "fp16"):
+            warm = _with(full_config, n_samples=n_samples, precision=precision)
+            engine_run(classifier, tokens[: profile.engine_batch], warm, profile.engine_batch)
 
     runs: list[MethodRun] = []
     runs.append(
@@ -218,30 +257,28 @@ def run_inference_bench(
         )
     )
     log(f"  sorted_loop         {runs[-1].posts_per_s:7.2f} posts/s")
-    runs.append(timed("full", len(tokens), lambda: full(11)))
-    log(f"  full                {runs[-1].posts_per_s:7.2f} posts/s")
-    runs.append(timed("full_vs_full", len(tokens), lambda: full(22)))
-    log(f"  full_vs_full        {runs[-1].posts_per_s:7.2f} posts/s")
+    n_timed = len(timed_tokens)
+
+    def engine_method(name: str, fn: Callable[[], McSummary]) -> None:
+        runs.append(timed(name, n_timed, fn))
+        log(f"  {name:<20}{runs[-1].posts_per_s:8.2f} posts/s")
+
+    engine_method("full", lambda: full(11))
+    engine_method("full_vs_full", lambda: full(22))
     fast = _with(fast_config, seed=33, n_samples=n_samples, precision="fp32")
-    runs.append(timed("fast", len(tokens), lambda: engine_run(classifier, tokens, fast)))
-    log(f"  fast                {runs[-1].posts_per_s:7.2f} posts/s")
-    fast_int8 = _with(fast, int8=True)
-    runs.append(timed("fast_int8", len(tokens), lambda: engine_run(classifier, tokens, fast_int8)))
-    log(f"  fast_int8           {runs[-1].posts_per_s:7.2f} posts/s")
-    if native_bf16(classifier.device):
-        runs.append(timed("full_bf16", len(tokens), lambda: full(44, "bf16")))
-        log(f"  full_bf16           {runs[-1].posts_per_s:7.2f} posts/s")
+    engine_method("fast", lambda: on_timed_posts(fast))
+    if device.type == "cpu":  # int8 layers are a CPU path
+        engine_method("fast_int8", lambda: on_timed_posts(_with(fast, int8=True)))
+    if native_bf16(device):
+        engine_method("full_bf16", lambda: full(44, "bf16"))
         # the seed of the reference run: the same dropout masks, so only the precision differs
-        runs.append(timed("full_bf16_same_seed", len(tokens), lambda: full(11, "bf16")))
-        log(f"  full_bf16_same_seed {runs[-1].posts_per_s:7.2f} posts/s")
-        fast_bf16 = _with(fast, seed=55, precision="bf16")
-        runs.append(
-            timed("fast_bf16", len(tokens), lambda: engine_run(classifier, tokens, fast_bf16))
-        )
-        log(f"  fast_bf16           {runs[-1].posts_per_s:7.2f} posts/s")
+        engine_method("full_bf16_same_seed", lambda: full(11, "bf16"))
+        engine_method("fast_bf16", lambda: on_timed_posts(_with(fast, seed=55, precision="bf16")))
+    if device.type == "cuda":  # float16 matmuls are native on GPUs only
+        engine_method("full_fp16", lambda: full(66, "fp16"))
+        engine_method("fast_fp16", lambda: on_timed_posts(_with(fast, seed=77, precision="fp16")))
     det = EngineConfig(n_samples=1, mode="off", precision="fp32")
-    runs.append(timed("deterministic", len(tokens), lambda: engine_run(classifier, tokens, det)))
-    log(f"  deterministic       {runs[-1].posts_per_s:7.2f} posts/s")
+    engine_method("deterministic", lambda: on_timed_posts(det))
 
     reference = runs[2].summary
     loop_rate = runs[0].posts_per_s
@@ -254,7 +291,7 @@ def run_inference_bench(
             "peak_rss_mb": round(run.peak_rss_mb, 1),
             "posts_timed": run.posts,
         }
-        agreement_n = min(len(run.summary.mean), len(reference.mean))
+        agreement_n = min(len(run.summary.mean), len(reference.mean), len(tokens))
         row.update(
             fidelity(
                 _head(run.summary, agreement_n),

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -17,11 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 import torch
 
 from worker.bench.inference import engine_run, run_inference_bench
+from worker.bench.results import (
+    DEFAULT_DEV,
+    REPO,
+    RESULTS,
+    load_posts,
+    machine,
+    markdown_table,
+    write_results,
+)
 from worker.bench.streaming import (
     TrivialInferenceProcessor,
     bench_settings,
@@ -33,11 +39,6 @@ from worker.inference.engine import EngineConfig, McMode, engine_precision
 from worker.inference.loading import Classifier, load_classifier
 from worker.inference.model_thread import model_thread
 from worker.settings import ModelSettings
-from worker.training.goemotions import GOEMOTIONS_LABELS, read_tsv
-
-REPO = Path(__file__).resolve().parents[2]
-RESULTS = REPO / "bench" / "results"
-DEFAULT_DEV = REPO.parent / "shared" / "data" / "goemotions" / "dev.tsv"
 
 
 @dataclass
@@ -53,27 +54,6 @@ class BenchOptions:
     output: Path = RESULTS
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    memory = psutil.virtual_memory().total / 2**30
-    return (
-        f"{cpu}, {psutil.cpu_count()} cores, {memory:.0f} GiB, {device}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    )
-
-
-def machine_slug() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0).lower().replace(" ", "-")
-    return f"cpu{psutil.cpu_count()}"
-
-
 @contextlib.contextmanager
 def kafka_for_bench() -> Iterator[str]:
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
@@ -84,11 +64,6 @@ def kafka_for_bench() -> Iterator[str]:
 
     with LocalKafka() as broker:
         yield broker.bootstrap_servers
-
-
-def load_posts(path: Path, n: int) -> tuple[list[str], np.ndarray]:
-    split = read_tsv(path, len(GOEMOTIONS_LABELS))
-    return split.texts[:n], split.targets[:n]
 
 
 def memory_probe(model: str, n_posts: int, n_samples: int, seconds: float) -> dict[str, Any]:
@@ -123,22 +98,6 @@ def _memory_child(model: str, n_posts: int, n_samples: int) -> None:
     long_text = " ".join(["this is a long post that goes on and on"] * 40)
     tokens = classifier.tokenize([long_text] * n_posts)
     engine_run(classifier, tokens, EngineConfig(n_samples=n_samples, seed=0), batch=n_posts)
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| method | posts/s | × loop | label sets | review flags | Spearman MI | macro-F1 | AURC "
-        "| samples/post | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['name']} | {r['posts_per_s']:.2f} | {r['ratio_to_loop']:.2f} | "
-            f"{r['label_set_agreement']:.3f} | {r['review_agreement']:.3f} | "
-            f"{r['spearman']:.3f} | {r['macro_f1']:.3f} | {r['aurc']:.3f} | "
-            f"{r['mean_samples']:.1f} | {r['peak_rss_mb']:.0f} |"
-        )
-    return "\n".join(lines)
 
 
 async def streaming_benches(
@@ -320,13 +279,3 @@ def _run_bench(
     )
     write_results(result, options.output)
     return result
-
-
-def write_results(result: dict[str, Any], folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2, default=float) + "\n"
-    dated = folder / f"{result['date']}-{machine_slug()}{'-quick' if result['quick'] else ''}.json"
-    dated.write_text(text)
-    if not result["quick"]:
-        (folder / "latest.json").write_text(text)
-    return dated

@@ -1,0 +1,308 @@
+"""GPU benchmark: ``python -m worker.bench.gpu`` (``make bench`` runs it too where a GPU is seen).
+
+What a GPU needs measured beyond the method table, all on the same posts in one process:
+
+1. the method table of ``worker/bench/inference.py`` (the same methods, agreement and quality
+   measures as on the CPU), sized for a GPU (``DeviceProfile``): agreement on all the posts,
+   engine methods timed on them repeated, in batches of 4,096 posts, after a warm-up;
+2. full MC Dropout (bf16) at several token budgets per forward pass and several batch sizes
+   (posts per ``predict``: the pipeline's batch size), with the useful arithmetic rate;
+3. the same after ``torch.compile`` of the sampling model (fused elementwise work), when it
+   compiles;
+4. peak GPU memory for 512 posts of 128 tokens at N = 50 (the CPU's memory probe, on the GPU).
+
+Results go to ``<output>/<date>-<gpu>.json``; nothing here needs Kafka.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from worker.bench.inference import DeviceProfile, engine_run, run_inference_bench
+from worker.inference.engine import EngineConfig, McDropoutEngine, McMode, tokens_per_forward_for
+from worker.inference.loading import Classifier, load_classifier
+from worker.inference.uncertainty import McSummary
+from worker.settings import ModelSettings
+from worker.training.evaluation import concat_summaries
+
+
+def useful_flops_per_sample(classifier: Classifier, lengths: list[int]) -> float:
+    """Matmul FLOPs of one stochastic pass over posts of these lengths, padding not counted:
+    per token and layer 2 (4 h^2 + 2 h i) for the projections and 4 L h for attention."""
+    config = getattr(classifier.model, "config", None)
+    h = getattr(config, "hidden_size", 0)
+    i = getattr(config, "intermediate_size", 4 * h)
+    layers = getattr(config, "num_hidden_layers", 0)
+    tokens = np.asarray(lengths, dtype=np.float64)
+    per_layer = 2 * (4 * h * h + 2 * h * i) * tokens + 4 * tokens * tokens * h
+    return float(layers * per_layer.sum())
+
+
+def timed_run(
+    classifier: Classifier,
+    tokens: list[list[int]],
+    config: EngineConfig,
+    batch: int,
+    n_samples: int,
+    engine: McDropoutEngine | None = None,
+    reference: McSummary | None = None,
+) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    if engine is None:
+        summary = engine_run(classifier, tokens, config, batch=batch)
+    else:  # an engine prepared by the caller (compiled)
+        summary = concat_summaries(
+            [engine.predict(tokens[s : s + batch]) for s in range(0, len(tokens), batch)]
+        )
+    seconds = time.perf_counter() - started
+    flops = useful_flops_per_sample(classifier, [len(t) for t in tokens]) * n_samples
+    if reference is not None:  # label sets against another run of the first posts
+        n = len(reference.mean)
+        thresholds = np.asarray(classifier.thresholds)
+        same = (summary.mean[:n] >= thresholds) == (reference.mean >= thresholds)
+        extra["label_set_agreement"] = round(float(same.all(axis=1).mean()), 4)
+    return extra | {
+        "posts": len(tokens),
+        "seconds": round(seconds, 3),
+        "posts_per_s": round(len(tokens) / seconds, 1),
+        "useful_tflop_per_s": round(flops / seconds / 1e12, 1),
+        "mean_samples": float(summary.n_samples.mean()),
+        "mean_mutual_information": round(float(summary.mutual_information.mean()), 5),
+        "peak_gpu_mb": _peak_gpu_mb(),
+    }
+
+
+def _peak_gpu_mb() -> float:
+    if not torch.cuda.is_available():
+        return 0.0
+    return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+def budget_and_batch_sweep(
+    classifier: Classifier,
+    tokens: list[list[int]],
+    n_samples: int,
+    budgets: list[int],
+    batches: list[int],
+    log: Callable[[str], Any],
+) -> list[dict[str, Any]]:
+    """Full MC in bf16: every budget at the largest batch, then every batch at the best budget."""
+    rows: list[dict[str, Any]] = []
+    largest = max(batches)
+    for budget in budgets:
+        config = EngineConfig(
+            n_samples=n_samples, mode="full", precision="bf16", max_tokens_per_forward=budget
+        )
+        row: dict[str, Any] = {
+            "mode": "full",
+            "precision": "bf16",
+            "tokens_per_forward": budget,
+            "batch": largest,
+        }
+        rows.append(row | timed_run(classifier, tokens, config, largest, n_samples))
+        log(_describe(rows[-1]))
+    best = max(rows, key=lambda r: r["posts_per_s"])["tokens_per_forward"]
+    for batch in sorted(set(batches) - {largest}):
+        config = EngineConfig(
+            n_samples=n_samples, mode="full", precision="bf16", max_tokens_per_forward=best
+        )
+        row = {"mode": "full", "precision": "bf16", "tokens_per_forward": best, "batch": batch}
+        rows.append(row | timed_run(classifier, tokens, config, batch, n_samples))
+        log(_describe(rows[-1]))
+    return rows
+
+
+def compiled_runs(
+    classifier: Classifier,
+    tokens: list[list[int]],
+    n_samples: int,
+    budget: int,
+    batch: int,
+    unique: int,
+    log: Callable[[str], Any],
+) -> list[dict[str, Any]]:
+    """Full and fast MC in bf16 with the sampling model under ``torch.compile`` (dynamic
+    shapes); a first run on one batch compiles and is reported apart. Label sets of the first
+    ``unique`` posts are compared with an uncompiled full bf16 run (MC noise: compare with the
+    method table's full_vs_full)."""
+    plain = EngineConfig(
+        n_samples=n_samples, precision="bf16", max_tokens_per_forward=budget, fast_dropout=False
+    )
+    reference = engine_run(classifier, tokens[:unique], plain, batch=batch)
+    rows = []
+    modes: tuple[McMode, ...] = ("full", "fast")
+    for mode in modes:
+        config = EngineConfig(
+            n_samples=n_samples,
+            mode=mode,
+            precision="bf16",
+            max_tokens_per_forward=budget,
+            fast_dropout=False,  # the CPU's numpy mask lanes do not trace (a GPU has none)
+        )
+        engine = McDropoutEngine(classifier, config)
+        engine.sampling_model = torch.compile(engine.sampling_model, dynamic=True)  # type: ignore[assignment]
+        started = time.perf_counter()
+        timed_run(classifier, tokens[:batch], config, batch, n_samples, engine)
+        row = {
+            "mode": mode,
+            "precision": "bf16",
+            "compiled": True,
+            "tokens_per_forward": budget,
+            "batch": batch,
+            "first_run_s": round(time.perf_counter() - started, 1),
+        }
+        rows.append(
+            row | timed_run(classifier, tokens, config, batch, n_samples, engine, reference)
+        )
+        log(_describe(rows[-1]))
+    return rows
+
+
+def gpu_memory_probe(classifier: Classifier, n_posts: int = 512, n_samples: int = 50) -> dict:
+    """Peak GPU memory while full MC (default precision and budget) runs 512 posts of 128
+    tokens at N = 50 in one batch."""
+    long_text = " ".join(["this is a long post that goes on and on"] * 40)
+    tokens = classifier.tokenize([long_text] * n_posts)
+    config = EngineConfig(n_samples=n_samples, mode="full", seed=0)
+    row = timed_run(classifier, tokens, config, n_posts, n_samples)
+    return {
+        "posts": n_posts,
+        "tokens_per_post": len(tokens[0]),
+        "n_samples": n_samples,
+        "tokens_per_forward": tokens_per_forward_for(classifier.device),
+        "peak_gpu_mb": row["peak_gpu_mb"],
+        "posts_per_s": row["posts_per_s"],
+    }
+
+
+def _describe(row: dict[str, Any]) -> str:
+    compiled = " compiled" if row.get("compiled") else ""
+    return (
+        f"  {row['mode']} {row['precision']}{compiled}, {row['tokens_per_forward']} tokens/pass, "
+        f"batch {row['batch']}: {row['posts_per_s']:.0f} posts/s, "
+        f"{row['useful_tflop_per_s']} TFLOP/s useful, {row['mean_samples']:.1f} samples, "
+        f"peak {row['peak_gpu_mb']:.0f} MB"
+    )
+
+
+def run_gpu_bench(
+    data: Path,
+    output: Path,
+    model: str = "default",
+    device: str = "cuda",
+    n_samples: int = 30,
+    quick: bool = False,
+    log: Callable[[str], Any] = print,
+) -> dict[str, Any]:
+    """Everything above, written as JSON after each part (a later failure keeps the earlier)."""
+    from worker.bench.results import load_posts, machine, markdown_table, write_results
+
+    classifier = load_classifier(ModelSettings(path=model, device=device))
+    n_fidelity = 64 if quick else 100_000  # all the posts of the file
+    texts, targets = load_posts(data, n_fidelity)
+    tokens = classifier.tokenize(texts)
+    result: dict[str, Any] = {
+        "machine": machine(),
+        "date": datetime.date.today().isoformat(),
+        "model": {"name": classifier.name, "revision": classifier.revision},
+        "n_samples": 4 if quick else n_samples,
+        "quick": quick,
+        "device": str(classifier.device),
+        "versions": _versions(),
+        "posts": len(texts),
+        "mean_tokens": float(np.mean([len(t) for t in tokens])),
+    }
+    log(f"machine: {result['machine']}; {len(texts)} posts, {result['mean_tokens']:.1f} tokens")
+
+    def save() -> None:
+        write_results(result, output, latest=False)
+
+    def part(name: str, fn: Callable[[], Any]) -> None:
+        started = time.perf_counter()
+        try:
+            result[name] = fn()
+        except Exception as exc:
+            result[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            log(f"{name} failed: {type(exc).__name__}: {exc}")
+        log(f"{name}: {time.perf_counter() - started:.1f} s")
+        save()
+
+    profile = DeviceProfile.for_device(classifier.device)
+    if quick:
+        profile.engine_batch, profile.timing_repeat = 32, 2
+    n = result["n_samples"]
+    part(
+        "methods",
+        lambda: run_inference_bench(
+            classifier,
+            texts,
+            targets,
+            n,
+            16 if quick else 256,
+            full_config=EngineConfig(n_samples=n, mode="full"),
+            fast_config=EngineConfig(n_samples=n, mode="fast"),
+            log=log,
+            profile=profile,
+        ),
+    )
+    if isinstance(result["methods"], list):
+        log(markdown_table(result["methods"]))
+    timing = tokens * profile.timing_repeat
+    budgets = [256, 1024] if quick else [32_768, 131_072, 524_288]
+    batches = [16, 32] if quick else [256, 1024, 4096]
+    part("sweep", lambda: budget_and_batch_sweep(classifier, timing, n, budgets, batches, log))
+    part("memory", lambda: gpu_memory_probe(classifier, 8 if quick else 512, 5 if quick else 50))
+    log(f"memory: {result['memory']}")
+    budget = tokens_per_forward_for(classifier.device)
+    if classifier.device.type == "cuda":  # inductor on the CPU compiles C++ for minutes
+        part(
+            "compiled",
+            lambda: compiled_runs(classifier, timing, n, budget, max(batches), len(texts), log),
+        )
+    return result
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "tokenizers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    out["cuda"] = str(torch.version.cuda)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from worker.bench.results import DEFAULT_DEV, RESULTS
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DEV)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--n-samples", type=int, default=30)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    result = run_gpu_bench(
+        args.data, args.output, args.model, args.device, args.n_samples, args.quick
+    )
+    print(json.dumps({k: v for k, v in result.items() if k != "methods"}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
