@@ -33,11 +33,10 @@ from aiokafka.errors import (
     TopicAuthorizationFailedError,
     UnsupportedSaslMechanismError,
 )
-from aiokafka.partitioner import DefaultPartitioner
+
+from worker.kafka.partitioning import partitions_for
 
 log = structlog.get_logger(__name__)
-
-_PARTITIONER = DefaultPartitioner()  # what AIOKafkaProducer uses unless told otherwise
 
 NOT_RETRIABLE: tuple[type[BaseException], ...] = (
     MessageSizeTooLargeError,
@@ -127,8 +126,9 @@ class Publisher:
         every record's future is its batch's. ``send`` per record costs the event loop a
         partition lookup, an accumulator append and a future per record: 2-13 µs per post more
         of its CPU than batches, measured in the transport bench. Partitions are the producer's
-        default partitioner's choice: murmur2 of the key, as the Java client hashes it; a random
-        available partition for a record without a key."""
+        default partitioner's choice (``partitioning.py``, for all of a topic's keys at once):
+        murmur2 of the key, as the Java client hashes it; a random available partition for a
+        record without a key."""
         futures: list[asyncio.Future[Any] | None] = [None] * len(records)
         remaining = started + self.delivery_timeout_s - time.monotonic()
         try:
@@ -151,24 +151,26 @@ class Publisher:
     ) -> dict[tuple[str, int], list[int]]:
         """Record indices per (topic, partition), in order; a topic whose metadata cannot be
         had fails its records (their futures) at once."""
-        groups: dict[tuple[str, int], list[int]] = {}
-        topics: dict[str, tuple[list[int], list[int]] | BaseException] = {}
+        by_topic: dict[str, list[int]] = {}
         for n, record in enumerate(records):
-            known = topics.get(record.topic)
-            if known is None:
-                try:
-                    partitions = sorted(await self.producer.partitions_for(record.topic))
-                    cluster = self.producer.client.cluster
-                    available = list(cluster.available_partitions_for_topic(record.topic) or ())
-                    known = (partitions, available)
-                except KafkaError as exc:  # e.g. the topic does not exist
-                    known = exc
-                topics[record.topic] = known
-            if isinstance(known, BaseException):
-                futures[n] = _failed(known)
+            by_topic.setdefault(record.topic, []).append(n)
+        partition_of: dict[int, int] = {}
+        for topic, members in by_topic.items():
+            try:
+                partitions = sorted(await self.producer.partitions_for(topic))
+                cluster = self.producer.client.cluster
+                available = list(cluster.available_partitions_for_topic(topic) or ())
+            except KafkaError as exc:  # e.g. the topic does not exist
+                for n in members:
+                    futures[n] = _failed(exc)
                 continue
-            partition = _PARTITIONER(record.key, *known)
-            groups.setdefault((record.topic, partition), []).append(n)
+            keys = [records[n].key for n in members]
+            chosen = partitions_for(keys, partitions, available)
+            partition_of.update(zip(members, chosen, strict=True))
+        groups: dict[tuple[str, int], list[int]] = {}
+        for n, record in enumerate(records):
+            if n in partition_of:
+                groups.setdefault((record.topic, partition_of[n]), []).append(n)
         return groups
 
     async def _send_partition(
