@@ -46,7 +46,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 MIN_WARMUP = 20  # scores needed before the quantile of what was seen is used
 PACE_SECONDS = 3.0  # the pacing bucket holds this many seconds of the cap, ahead or behind
@@ -54,8 +54,10 @@ SHORT_SECONDS = 10  # traffic is also measured over this many seconds, to see bu
 MAX_GAIN = 5.0  # a full bucket (routing behind the cap) raises the capped rate up to 5x
 
 
-@dataclass(frozen=True)
-class BudgetDecision:
+class BudgetDecision(NamedTuple):
+    """One post's verdict (a named tuple: one per post, and half the cost of a frozen
+    dataclass's construction)."""
+
     routed: bool
     priority: int  # 0-100: percentile of the score among recent posts
     cut: float | None  # the score a post needed to be routed (None before any estimate)
@@ -88,7 +90,10 @@ class ReviewBudget:
         self._clock = clock
         self._recent: deque[tuple[float, bool]] = deque()  # (score, forced), oldest first
         self._sorted: list[float] = []  # every score of the window (priorities)
-        self._free: list[float] = []  # scores of the window's posts that were not forced (cut)
+        # scores of the window's posts that were not forced (the cut); None while no forced post
+        # is in the window: then they are ``_sorted`` (one sorted list to keep, not two)
+        self._free: list[float] | None = None
+        self._forced_in_window = 0
         self._tie_credit = 0.5
         # per-minute cap: arrivals per whole second, routed timestamps, the token bucket
         self._arrivals: deque[list[int]] = deque()  # [second, count]
@@ -115,14 +120,26 @@ class ReviewBudget:
 
     def _remember(self, score: float, forced: bool) -> None:
         self._recent.append((score, forced))
+        if forced and self._free is None:
+            self._free = list(self._sorted)  # the window's scores, all free until this one
         bisect.insort(self._sorted, score)
-        if not forced:
+        if forced:
+            self._forced_in_window += 1
+        elif self._free is not None:
             bisect.insort(self._free, score)
         if len(self._recent) > self.window:
             old, old_forced = self._recent.popleft()
             del self._sorted[bisect.bisect_left(self._sorted, old)]
-            if not old_forced:
+            if old_forced:
+                self._forced_in_window -= 1
+                if self._forced_in_window == 0:
+                    self._free = None  # every score left in the window is free
+            elif self._free is not None:
                 del self._free[bisect.bisect_left(self._free, old)]
+
+    @property
+    def _free_scores(self) -> list[float]:
+        return self._sorted if self._free is None else self._free
 
     def percentile(self, score: float) -> int:
         """Share of recent posts with a lower score, 0-100 (non-decreasing in ``score``)."""
@@ -185,7 +202,7 @@ class ReviewBudget:
         """Share of the non-forced posts the scores route, so that the total share is ``rate``."""
         if not self.count_forced or not self._recent:
             return rate
-        forced = 1.0 - len(self._free) / len(self._recent)
+        forced = 1.0 - len(self._free_scores) / len(self._recent)
         if forced >= 1.0:
             return rate
         return min(1.0, max(0.0, (rate - forced) / (1.0 - forced)))
@@ -194,7 +211,7 @@ class ReviewBudget:
         """(cut score, share of the scores equal to it to route); None before an estimate."""
         if len(self._sorted) < max(1, min(self.warmup, MIN_WARMUP, self.window)):
             return None
-        scores = self._free
+        scores = self._free_scores
         n = len(scores)
         if n == 0:
             return None
