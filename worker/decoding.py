@@ -53,6 +53,12 @@ def _json_type_name(value: Any) -> str:
 
 def nesting_depth_exceeds(value: Any, limit: int) -> bool:
     """True when objects/arrays nest deeper than ``limit`` levels (iterative: no recursion)."""
+    if isinstance(value, dict) and limit >= 1:  # the usual post: a flat object, checked fast
+        for child in value.values():
+            if isinstance(child, dict | list):
+                break
+        else:
+            return False
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         node, depth = stack.pop()

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from pydantic import TypeAdapter
 
 from schemas import SCHEMA_VERSION, SocialPost
 from worker.inference.uncertainty import McSummary
@@ -127,6 +128,9 @@ class EmotionsEncoder:
         ]
 
 
+_POSTS_AS_JSON = TypeAdapter(list[SocialPost])  # a batch's posts as JSON-ready dicts
+
+
 def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -204,6 +208,7 @@ class Router:
             summary.mean, summary.std, summary.flip_rate, predicted, sampled_array
         )
         n_samples = np.asarray(summary.n_samples).astype(int).tolist()
+        post_dicts = _POSTS_AS_JSON.dump_python(posts, mode="json")  # one call: half the cost
         top_labels = np.argmax(summary.mean, axis=1).tolist()
         names = self.label_names
         out: list[RoutedPost] = []
@@ -223,7 +228,7 @@ class Router:
                 "n_samples": n_samples[i],
             }
             reasons = [r.model_dump(mode="json") for r in decision.reasons]
-            post_dict = post.model_dump(mode="json")
+            post_dict = post_dicts[i]
             labels = [names[j] for j in predicted_lists[i]]
             enriched = {
                 "schema_version": SCHEMA_VERSION,
