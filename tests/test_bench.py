@@ -159,3 +159,16 @@ def test_useful_flops_count_projections_and_attention() -> None:
     config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2)
     classifier = SimpleNamespace(model=SimpleNamespace(config=config))
     assert useful_flops_per_sample(classifier, [3, 1]) == 2 * (912 + 272)  # type: ignore[arg-type]
+
+
+def test_gpu_bench_without_a_gpu_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from worker.bench.gpu import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err

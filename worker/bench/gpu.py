@@ -298,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-samples", type=int, default=30)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device is visible (--device cpu --quick checks the bench itself)")
     result = run_gpu_bench(
         args.data, args.output, args.model, args.device, args.n_samples, args.quick
     )
