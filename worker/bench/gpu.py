@@ -1,4 +1,4 @@
-"""GPU benchmark: ``python -m worker.bench.gpu`` (``make bench`` runs it too where a GPU is seen).
+"""GPU benchmark: ``make bench-gpu`` (``python -m worker.bench.gpu``).
 
 What a GPU needs measured beyond the method table, all on the same posts in one process:
 
@@ -27,12 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.bench.inference import DeviceProfile, engine_run, run_inference_bench
+from worker.bench.inference import (
+    DeviceProfile,
+    engine_run,
+    predict_in_batches,
+    run_inference_bench,
+)
 from worker.inference.engine import EngineConfig, McDropoutEngine, McMode, tokens_per_forward_for
 from worker.inference.loading import Classifier, load_classifier
 from worker.inference.uncertainty import McSummary
 from worker.settings import ModelSettings
-from worker.training.evaluation import concat_summaries
+from worker.training.report import predicted_sets
 
 
 def useful_flops_per_sample(classifier: Classifier, lengths: list[int]) -> float:
@@ -49,29 +54,26 @@ def useful_flops_per_sample(classifier: Classifier, lengths: list[int]) -> float
 
 def timed_run(
     classifier: Classifier,
+    engine: McDropoutEngine,
     tokens: list[list[int]],
-    config: EngineConfig,
     batch: int,
-    n_samples: int,
-    engine: McDropoutEngine | None = None,
     reference: McSummary | None = None,
 ) -> dict[str, Any]:
+    """``engine`` over ``tokens`` in batches of ``batch`` posts: speed, useful arithmetic rate,
+    peak GPU memory; with ``reference``, label-set agreement on its posts (the first ones)."""
     extra: dict[str, Any] = {}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    if engine is None:
-        summary = engine_run(classifier, tokens, config, batch=batch)
-    else:  # an engine prepared by the caller (compiled)
-        summary = concat_summaries(
-            [engine.predict(tokens[s : s + batch]) for s in range(0, len(tokens), batch)]
-        )
+    summary = predict_in_batches(engine, tokens, batch)
     seconds = time.perf_counter() - started
-    flops = useful_flops_per_sample(classifier, [len(t) for t in tokens]) * n_samples
-    if reference is not None:  # label sets against another run of the first posts
+    flops = useful_flops_per_sample(classifier, [len(t) for t in tokens]) * engine.n_samples
+    if reference is not None:
         n = len(reference.mean)
         thresholds = np.asarray(classifier.thresholds)
-        same = (summary.mean[:n] >= thresholds) == (reference.mean >= thresholds)
+        same = predicted_sets(summary.mean[:n], thresholds) == predicted_sets(
+            reference.mean, thresholds
+        )
         extra["label_set_agreement"] = round(float(same.all(axis=1).mean()), 4)
     return extra | {
         "posts": len(tokens),
@@ -99,28 +101,21 @@ def budget_and_batch_sweep(
     log: Callable[[str], Any],
 ) -> list[dict[str, Any]]:
     """Full MC in bf16: every budget at the largest batch, then every batch at the best budget."""
-    rows: list[dict[str, Any]] = []
-    largest = max(batches)
-    for budget in budgets:
+
+    def row(budget: int, batch: int) -> dict[str, Any]:
         config = EngineConfig(
             n_samples=n_samples, mode="full", precision="bf16", max_tokens_per_forward=budget
         )
-        row: dict[str, Any] = {
-            "mode": "full",
-            "precision": "bf16",
-            "tokens_per_forward": budget,
-            "batch": largest,
-        }
-        rows.append(row | timed_run(classifier, tokens, config, largest, n_samples))
-        log(_describe(rows[-1]))
+        engine = McDropoutEngine(classifier, config)
+        done = {"mode": "full", "precision": "bf16", "tokens_per_forward": budget, "batch": batch}
+        done |= timed_run(classifier, engine, tokens, batch)
+        log(_describe(done))
+        return done
+
+    largest = max(batches)
+    rows = [row(budget, largest) for budget in budgets]
     best = max(rows, key=lambda r: r["posts_per_s"])["tokens_per_forward"]
-    for batch in sorted(set(batches) - {largest}):
-        config = EngineConfig(
-            n_samples=n_samples, mode="full", precision="bf16", max_tokens_per_forward=best
-        )
-        row = {"mode": "full", "precision": "bf16", "tokens_per_forward": best, "batch": batch}
-        rows.append(row | timed_run(classifier, tokens, config, batch, n_samples))
-        log(_describe(rows[-1]))
+    rows += [row(best, batch) for batch in sorted(set(batches) - {largest})]
     return rows
 
 
@@ -137,24 +132,24 @@ def compiled_runs(
     shapes); a first run on one batch compiles and is reported apart. Label sets of the first
     ``unique`` posts are compared with an uncompiled full bf16 run (MC noise: compare with the
     method table's full_vs_full)."""
-    plain = EngineConfig(
-        n_samples=n_samples, precision="bf16", max_tokens_per_forward=budget, fast_dropout=False
-    )
-    reference = engine_run(classifier, tokens[:unique], plain, batch=batch)
-    rows = []
-    modes: tuple[McMode, ...] = ("full", "fast")
-    for mode in modes:
-        config = EngineConfig(
+
+    def config(mode: McMode) -> EngineConfig:
+        return EngineConfig(
             n_samples=n_samples,
             mode=mode,
             precision="bf16",
             max_tokens_per_forward=budget,
             fast_dropout=False,  # the CPU's numpy mask lanes do not trace (a GPU has none)
         )
-        engine = McDropoutEngine(classifier, config)
+
+    reference = engine_run(classifier, tokens[:unique], config("full"), batch=batch)
+    rows = []
+    modes: tuple[McMode, ...] = ("full", "fast")
+    for mode in modes:
+        engine = McDropoutEngine(classifier, config(mode))
         engine.sampling_model = torch.compile(engine.sampling_model, dynamic=True)  # type: ignore[assignment]
         started = time.perf_counter()
-        timed_run(classifier, tokens[:batch], config, batch, n_samples, engine)
+        timed_run(classifier, engine, tokens[:batch], batch)
         row = {
             "mode": mode,
             "precision": "bf16",
@@ -163,9 +158,7 @@ def compiled_runs(
             "batch": batch,
             "first_run_s": round(time.perf_counter() - started, 1),
         }
-        rows.append(
-            row | timed_run(classifier, tokens, config, batch, n_samples, engine, reference)
-        )
+        rows.append(row | timed_run(classifier, engine, tokens, batch, reference))
         log(_describe(rows[-1]))
     return rows
 
@@ -175,8 +168,8 @@ def gpu_memory_probe(classifier: Classifier, n_posts: int = 512, n_samples: int 
     tokens at N = 50 in one batch."""
     long_text = " ".join(["this is a long post that goes on and on"] * 40)
     tokens = classifier.tokenize([long_text] * n_posts)
-    config = EngineConfig(n_samples=n_samples, mode="full", seed=0)
-    row = timed_run(classifier, tokens, config, n_posts, n_samples)
+    engine = McDropoutEngine(classifier, EngineConfig(n_samples=n_samples, mode="full", seed=0))
+    row = timed_run(classifier, engine, tokens, n_posts)
     return {
         "posts": n_posts,
         "tokens_per_post": len(tokens[0]),

@@ -103,7 +103,12 @@ def timed(name: str, posts: int, fn: Callable[[], McSummary]) -> MethodRun:
 def engine_run(
     classifier: Classifier, token_ids: list[list[int]], config: EngineConfig, batch: int = 256
 ) -> McSummary:
-    engine = McDropoutEngine(classifier, config)
+    return predict_in_batches(McDropoutEngine(classifier, config), token_ids, batch)
+
+
+def predict_in_batches(
+    engine: McDropoutEngine, token_ids: list[list[int]], batch: int
+) -> McSummary:
     parts = []
     for start in range(0, len(token_ids), batch):
         parts.append(engine.predict(token_ids[start : start + batch]))

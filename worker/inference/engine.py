@@ -196,7 +196,7 @@ class McDropoutEngine:
         """Draw ``n`` samples for each post in ``rows`` into ``acc``."""
         budget = self.config.max_tokens_per_forward or tokens_per_forward_for(self.device)
         lengths = [len(token_ids[i]) for i in rows]
-        device = self.classifier.device
+        device = self.device
         # chunks of budget / n tokens, each run once with its n copies in one pass: nearly no
         # padding, and large passes even when few posts are left (fast mode's later rounds)
         chunk_budget = budget if self.config.samples_per_forward else max(1, budget // n)

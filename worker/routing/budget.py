@@ -93,7 +93,6 @@ class ReviewBudget:
         # scores of the window's posts that were not forced (the cut); None while no forced post
         # is in the window: then they are ``_sorted`` (one sorted list to keep, not two)
         self._free: list[float] | None = None
-        self._forced_in_window = 0
         self._tie_credit = 0.5
         # per-minute cap: arrivals per whole second, routed timestamps, the token bucket
         self._arrivals: deque[list[int]] = deque()  # [second, count]
@@ -123,19 +122,15 @@ class ReviewBudget:
         if forced and self._free is None:
             self._free = list(self._sorted)  # the window's scores, all free until this one
         bisect.insort(self._sorted, score)
-        if forced:
-            self._forced_in_window += 1
-        elif self._free is not None:
+        if not forced and self._free is not None:
             bisect.insort(self._free, score)
         if len(self._recent) > self.window:
             old, old_forced = self._recent.popleft()
             del self._sorted[bisect.bisect_left(self._sorted, old)]
-            if old_forced:
-                self._forced_in_window -= 1
-                if self._forced_in_window == 0:
-                    self._free = None  # every score left in the window is free
-            elif self._free is not None:
+            if self._free is not None and not old_forced:
                 del self._free[bisect.bisect_left(self._free, old)]
+        if self._free is not None and len(self._free) == len(self._recent):
+            self._free = None  # no forced post left in the window: every score is free
 
     @property
     def _free_scores(self) -> list[float]:

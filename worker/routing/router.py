@@ -57,29 +57,24 @@ class EmotionsEncoder:
     per label, chosen for the whole batch at once (formatting the flags as JSON cost as much as
     a field of numbers)."""
 
-    NUMBERS = 3  # probability, uncertainty, flip_rate; label, threshold and predicted are fixed
-
     def __init__(self, label_names: list[str], thresholds: np.ndarray) -> None:
         self.n_labels = len(label_names)
-        # per label: the text before its probability, before its uncertainty, before its flip
-        # rate (predicted false / true); then the text that closes the array
-        before_probability, before_uncertainty = [], []
+        # per label: the text before its probability and before its flip rate (predicted false
+        # / true); the text before an uncertainty is the same for every label
+        self._before_probability: list[str] = []
         before_flip: list[list[str]] = [[], []]
         for j, (name, threshold) in enumerate(
             zip(label_names, _rounded(thresholds, 4), strict=True)
         ):
-            before_probability.append(
+            self._before_probability.append(
                 ("[" if j == 0 else "},") + '{"label":' + orjson.dumps(name).decode()
                 + ',"probability":'
             )  # fmt: skip
-            before_uncertainty.append(',"uncertainty":')
             for flag, text in ((False, "false"), (True, "true")):
                 before_flip[flag].append(
                     ',"threshold":' + orjson.dumps(threshold).decode() + ',"predicted":' + text
                     + ',"flip_rate":'
                 )  # fmt: skip
-        self._before_probability = np.array(before_probability, dtype=object)
-        self._before_uncertainty = np.array(before_uncertainty, dtype=object)
         self._before_flip = np.array(before_flip, dtype=object)  # (2, L): by predicted flag
         self._labels = np.arange(self.n_labels)
 
@@ -111,9 +106,9 @@ class EmotionsEncoder:
         # probability, before the uncertainty, ...), filled by strided slices
         width = 6 * self.n_labels
         flat: list[str] = [""] * (n_posts * width)
-        flat[0::6] = self._before_probability.tolist() * n_posts
+        flat[0::6] = self._before_probability * n_posts
         flat[1::6] = texts[0::3]
-        flat[2::6] = self._before_uncertainty.tolist() * n_posts
+        flat[2::6] = [',"uncertainty":'] * (n_posts * self.n_labels)
         flat[3::6] = texts[1::3]
         chosen = self._before_flip[np.asarray(predicted, dtype=np.intp), self._labels]
         flat[4::6] = chosen.ravel().tolist()
