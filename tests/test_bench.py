@@ -56,6 +56,13 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
     assert by_name["deterministic"]["mean_samples"] == 1.0
     assert 1.0 <= by_name["fast"]["mean_samples"] <= 4.0
     assert written["memory"]["peak_rss_mb"] > 0
+    steady = written["memory"]["steady"]  # the default engine batch after batch, in a child
+    assert steady["bounded"]["cache_capacity"] == 64
+    assert steady["library_default"]["cache_capacity"] == 1024
+    for probe in (steady["bounded"], steady["library_default"]):
+        assert probe["rss_mb_every_sixth"] and probe["peak_rss_mb"] >= max(
+            probe["rss_mb_every_sixth"]
+        )
 
 
 def test_transport_bench_counts_every_post_through_its_reader_process(

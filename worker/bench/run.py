@@ -35,9 +35,10 @@ from worker.bench.streaming import (
     post_messages,
     saturated_throughput,
 )
-from worker.inference.engine import EngineConfig, McMode, engine_precision
+from worker.inference.engine import EngineConfig, McDropoutEngine, McMode, engine_precision
 from worker.inference.loading import Classifier, load_classifier
 from worker.inference.model_thread import model_thread
+from worker.onednn import CACHE_VARIABLES, DEFAULT_CAPACITY
 from worker.settings import ModelSettings
 
 
@@ -66,30 +67,42 @@ def kafka_for_bench() -> Iterator[str]:
         yield broker.bootstrap_servers
 
 
+def _watch_rss(
+    code: str, seconds: float, env: dict[str, str] | None = None, every_s: float = 0.0
+) -> tuple[float, list[float], float]:
+    """Run ``code`` in a worker-like child process for at most ``seconds``; its peak RSS (MB),
+    its RSS every ``every_s`` seconds (if > 0), and how long it was watched."""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env)
+    peak, trace = 0.0, list[float]()
+    started = time.monotonic()
+    p = psutil.Process(proc.pid)
+    try:
+        while proc.poll() is None and time.monotonic() - started < seconds:
+            with contextlib.suppress(psutil.Error):
+                rss = p.memory_info().rss / 2**20
+                peak = max(peak, rss)
+                if every_s and time.monotonic() - started >= every_s * (len(trace) + 1):
+                    trace.append(round(rss, 1))
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    return round(peak, 1), trace, round(min(seconds, time.monotonic() - started), 1)
+
+
 def memory_probe(model: str, n_posts: int, n_samples: int, seconds: float) -> dict[str, Any]:
     """Peak RSS of a worker process while it runs MC Dropout on ``n_posts`` long posts."""
     code = (
         "import sys; from worker.bench.run import _memory_child; "
         f"_memory_child({model!r}, {n_posts}, {n_samples})"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
-    peak = 0.0
-    started = time.monotonic()
-    p = psutil.Process(proc.pid)
-    try:
-        while proc.poll() is None and time.monotonic() - started < seconds:
-            with contextlib.suppress(psutil.Error):
-                peak = max(peak, p.memory_info().rss / 2**20)
-            time.sleep(0.2)
-    finally:
-        proc.kill()
-        proc.wait()
+    peak, _, observed = _watch_rss(code, seconds)
     return {
         "posts": n_posts,
         "tokens_per_post": 128,
         "n_samples": n_samples,
-        "observed_s": round(min(seconds, time.monotonic() - started), 1),
-        "peak_rss_mb": round(peak, 1),
+        "observed_s": observed,
+        "peak_rss_mb": peak,
     }
 
 
@@ -98,6 +111,34 @@ def _memory_child(model: str, n_posts: int, n_samples: int) -> None:
     long_text = " ".join(["this is a long post that goes on and on"] * 40)
     tokens = classifier.tokenize([long_text] * n_posts)
     engine_run(classifier, tokens, EngineConfig(n_samples=n_samples, seed=0), batch=n_posts)
+
+
+def steady_memory_probe(
+    model: str, data: Path, seconds: float, n_samples: int = 30
+) -> dict[str, Any]:
+    """RSS of a worker process running the default engine over real posts, batch after batch
+    (lengths vary, so pass shapes do): with oneDNN's kernel caches as the worker bounds them
+    (``worker/onednn.py``) and at the libraries' own 1,024 entries."""
+    code = (
+        "from worker.bench.run import _steady_memory_child; "
+        f"_steady_memory_child({model!r}, {str(data)!r}, {n_samples})"
+    )
+    out: dict[str, Any] = {"seconds": seconds, "batch": 64, "n_samples": n_samples}
+    for label, capacity in (("bounded", DEFAULT_CAPACITY), ("library_default", 1024)):
+        env = os.environ | {name: str(capacity) for name in CACHE_VARIABLES}
+        peak, trace, _ = _watch_rss(code, seconds, env, every_s=seconds / 6)
+        out[label] = {"cache_capacity": capacity, "rss_mb_every_sixth": trace, "peak_rss_mb": peak}
+    return out
+
+
+def _steady_memory_child(model: str, data: str, n_samples: int) -> None:
+    classifier = load_classifier(ModelSettings(path=model, device="cpu"))
+    texts, _ = load_posts(Path(data), 100_000)
+    tokens = classifier.tokenize(texts)
+    engine = McDropoutEngine(classifier, EngineConfig(n_samples=n_samples))
+    while True:  # until the parent has seen enough
+        for start in range(0, len(tokens), 64):
+            engine.predict(tokens[start : start + 64])
 
 
 async def streaming_benches(
@@ -274,6 +315,14 @@ def _run_bench(
         options.model, 64 if quick else 512, 5 if quick else 50, 10 if quick else 60
     )
     log(f"memory: 512 posts x 128 tokens at N = 50: peak RSS {result['memory']['peak_rss_mb']} MB")
+    steady = steady_memory_probe(options.model, options.data, 8 if quick else 120, n_samples)
+    result["memory"]["steady"] = steady
+    for label in ("bounded", "library_default"):
+        log(
+            f"memory, default engine on the posts in batches of 64, oneDNN caches "
+            f"{steady[label]['cache_capacity']}: RSS {steady[label]['rss_mb_every_sixth']} MB "
+            f"every {steady['seconds'] / 6:.0f} s, peak {steady[label]['peak_rss_mb']} MB"
+        )
     result["gpu"] = (
         "the method table above ran on the GPU; `make bench-gpu` adds the token-budget and "
         "batch sweep, torch.compile and GPU memory"
