@@ -249,18 +249,19 @@ def run_inference_bench(
         )
     )
     log(f"  emcoder_loop        {runs[-1].posts_per_s:7.2f} posts/s")
-    # every engine arrangement the table times, run once untimed (see DeviceProfile)
+    # the precisions and variants the table times (rows below), each run once untimed first
     precisions: list[Precision] = ["fp32"]
     if native_bf16(device):
         precisions.append("bf16")
-    if device.type == "cuda":
+    if device.type == "cuda":  # float16 matmuls are native on GPUs only
         precisions.append("fp16")
+    with_int8 = device.type == "cpu"  # int8 layers are a CPU path
     warm_configs = [
         _with(config, n_samples=n_samples, precision=precision)
         for precision in precisions
         for config in (full_config, fast_config)
     ]
-    if device.type == "cpu":
+    if with_int8:
         warm_configs.append(_with(fast_config, n_samples=n_samples, precision="fp32", int8=True))
     for config in warm_configs if warm_tokens else []:
         engine_run(classifier, warm_tokens, config, profile.engine_batch)
@@ -289,14 +290,14 @@ def run_inference_bench(
     engine_method("full_vs_full", lambda: full(22))
     fast = _with(fast_config, seed=33, n_samples=n_samples, precision="fp32")
     engine_method("fast", lambda: on_timed_posts(fast))
-    if device.type == "cpu":  # int8 layers are a CPU path
+    if with_int8:
         engine_method("fast_int8", lambda: on_timed_posts(_with(fast, int8=True)))
-    if native_bf16(device):
+    if "bf16" in precisions:
         engine_method("full_bf16", lambda: full(44, "bf16"))
         # the seed of the reference run: the same dropout masks, so only the precision differs
         engine_method("full_bf16_same_seed", lambda: full(11, "bf16"))
         engine_method("fast_bf16", lambda: on_timed_posts(_with(fast, seed=55, precision="bf16")))
-    if device.type == "cuda":  # float16 matmuls are native on GPUs only
+    if "fp16" in precisions:
         engine_method("full_fp16", lambda: full(66, "fp16"))
         engine_method("fast_fp16", lambda: on_timed_posts(_with(fast, seed=77, precision="fp16")))
     det = EngineConfig(n_samples=1, mode="off", precision="fp32")

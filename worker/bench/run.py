@@ -114,16 +114,16 @@ def _memory_child(model: str, n_posts: int, n_samples: int) -> None:
 
 
 def steady_memory_probe(
-    model: str, data: Path, seconds: float, n_samples: int = 30
+    model: str, data: Path, seconds: float, n_samples: int = 30, batch: int = 64
 ) -> dict[str, Any]:
     """RSS of a worker process running the default engine over real posts, batch after batch
     (lengths vary, so pass shapes do): with oneDNN's kernel caches as the worker bounds them
     (``worker/onednn.py``) and at the libraries' own 1,024 entries."""
     code = (
         "from worker.bench.run import _steady_memory_child; "
-        f"_steady_memory_child({model!r}, {str(data)!r}, {n_samples})"
+        f"_steady_memory_child({model!r}, {str(data)!r}, {n_samples}, {batch})"
     )
-    out: dict[str, Any] = {"seconds": seconds, "batch": 64, "n_samples": n_samples}
+    out: dict[str, Any] = {"seconds": seconds, "batch": batch, "n_samples": n_samples}
     for label, capacity in (("bounded", DEFAULT_CAPACITY), ("library_default", 1024)):
         env = os.environ | {name: str(capacity) for name in CACHE_VARIABLES}
         peak, trace, _ = _watch_rss(code, seconds, env, every_s=seconds / 6)
@@ -131,14 +131,14 @@ def steady_memory_probe(
     return out
 
 
-def _steady_memory_child(model: str, data: str, n_samples: int) -> None:
+def _steady_memory_child(model: str, data: str, n_samples: int, batch: int) -> None:
     classifier = load_classifier(ModelSettings(path=model, device="cpu"))
     texts, _ = load_posts(Path(data), 100_000)
     tokens = classifier.tokenize(texts)
     engine = McDropoutEngine(classifier, EngineConfig(n_samples=n_samples))
-    while True:  # until the parent has seen enough
-        for start in range(0, len(tokens), 64):
-            engine.predict(tokens[start : start + 64])
+    while True:  # until the parent has seen enough (no summaries kept: not predict_in_batches)
+        for start in range(0, len(tokens), batch):
+            engine.predict(tokens[start : start + batch])
 
 
 async def streaming_benches(
@@ -319,7 +319,7 @@ def _run_bench(
     result["memory"]["steady"] = steady
     for label in ("bounded", "library_default"):
         log(
-            f"memory, default engine on the posts in batches of 64, oneDNN caches "
+            f"memory, default engine on the posts in batches of {steady['batch']}, oneDNN caches "
             f"{steady[label]['cache_capacity']}: RSS {steady[label]['rss_mb_every_sixth']} MB "
             f"every {steady['seconds'] / 6:.0f} s, peak {steady[label]['peak_rss_mb']} MB"
         )
