@@ -31,8 +31,10 @@ test: setup
 chaos: setup
 	$(PY) -m pytest -m slow -v $(PYTEST_ARGS)
 
+# GOEMOTIONS=DIR: a folder with GoEmotions' dev.tsv (default: `emoworker data fetch goemotions`'s)
+GOEMOTIONS ?=
 bench: setup
-	$(PY) -m worker.cli bench
+	$(PY) -m worker.cli bench $(if $(GOEMOTIONS),--data $(GOEMOTIONS)/dev.tsv)
 
 bench-gpu: setup
 	$(PY) -m worker.bench.gpu

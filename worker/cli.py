@@ -22,6 +22,10 @@ app = typer.Typer(
 )
 topics_app = typer.Typer(help="Create or describe the worker's topics.", no_args_is_help=True)
 app.add_typer(topics_app, name="topics")
+data_app = typer.Typer(
+    help="Fetch the data sets that train, evaluate and bench read.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
 err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -83,6 +87,7 @@ RemoteCodeOpt = Annotated[
     typer.Option("--trust-remote-code", help="Allow the checkpoint's own Python code to run."),
 ]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed the MC samples.")]
+FETCHED = "the folder `emoworker data fetch goemotions` fills"  # the --data defaults
 
 
 @app.command()
@@ -376,8 +381,12 @@ def replay(
 @one_line_errors
 def train(
     data: Annotated[
-        Path, typer.Option(help="Folder with train.tsv, dev.tsv (GoEmotions format), labels.txt.")
-    ] = Path("../shared/data/goemotions"),
+        Path | None,
+        typer.Option(
+            help="Folder with train.tsv, dev.tsv (GoEmotions format), labels.txt; default: "
+            f"{FETCHED}."
+        ),
+    ] = None,
     output: Annotated[Path, typer.Option(help="Bundle folder to write.")] = Path("runs/bundle"),
     base: Annotated[
         str | None, typer.Option(help="Base encoder: folder or hub id (default: MiniLM-L6).")
@@ -417,14 +426,20 @@ def train(
     """Fine-tune an encoder on GoEmotions-format data and write a model bundle."""
     from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
+    from worker.datasets import default_data_dir, missing_data_message
     from worker.training.export import WeightsKind
     from worker.training.run import run_training
     from worker.training.train import TrainConfig, default_base_model
 
     if weights not in ("delta", "lora", "full"):
         raise CliError("--weights must be delta, lora or full")
-    if not (data / "train.tsv").is_file() or not (data / "dev.tsv").is_file():
-        raise CliError(f"{data} must hold train.tsv and dev.tsv (GoEmotions TSV format)")
+    folder = data if data is not None else default_data_dir()
+    if not (folder / "train.tsv").is_file() or not (folder / "dev.tsv").is_file():
+        raise CliError(
+            missing_data_message(folder)
+            if data is None
+            else f"{data} must hold train.tsv and dev.tsv (GoEmotions TSV format)"
+        )
     config = TrainConfig(
         base_model=base or default_base_model(),
         epochs=epochs,
@@ -458,7 +473,7 @@ def train(
 
         kind = cast(WeightsKind, weights)  # checked above
         metrics = run_training(
-            data, output, config, kind, n_samples, log=bar.console.print, progress=progress
+            folder, output, config, kind, n_samples, log=bar.console.print, progress=progress
         )
     err.print(
         f"bundle written to {output} ({metrics['bundle_bytes'] / 1e6:.1f} MB): dev macro-F1 "
@@ -470,7 +485,12 @@ def train(
 @app.command()
 @one_line_errors
 def evaluate(
-    data: Annotated[Path, typer.Option(help="Labelled posts: a GoEmotions-format .tsv file.")],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"Labelled posts: a GoEmotions-format .tsv file; default: dev.tsv of {FETCHED}."
+        ),
+    ] = None,
     model: ModelOpt = None,
     n_samples: SamplesOpt = None,
     mc_mode: ModeOpt = None,
@@ -491,6 +511,7 @@ def evaluate(
 
     from rich.progress import Progress
 
+    from worker.datasets import default_data_dir, missing_data_message
     from worker.inference.engine import EngineConfig, engine_precision
     from worker.inference.loading import load_classifier
     from worker.training.evaluation import predict_texts
@@ -502,6 +523,10 @@ def evaluate(
     )
     from worker.training.report import evaluate_predictions, markdown_report
 
+    if data is None:
+        data = default_data_dir() / "dev.tsv"
+        if not data.is_file():
+            raise CliError(missing_data_message(data))
     settings = load_settings(
         **{
             "model.path": model,
@@ -569,7 +594,10 @@ def evaluate(
 @one_line_errors
 def bench(
     model: Annotated[str, typer.Option(help="Model to benchmark.")] = "default",
-    data: Annotated[Path | None, typer.Option(help="GoEmotions-format .tsv posts.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(help=f"GoEmotions-format .tsv posts; default: dev.tsv of {FETCHED}."),
+    ] = None,
     n_samples: Annotated[int, typer.Option(help="MC samples.")] = 30,
     fidelity_posts: Annotated[int, typer.Option(help="Posts for agreement and quality.")] = 800,
     speed_posts: Annotated[int, typer.Option(help="Posts timed for every method.")] = 256,
@@ -594,8 +622,89 @@ def bench(
         output=output or RESULTS,
     )
     if not options.data.is_file():
-        raise CliError(f"benchmark posts {options.data} not found: pass --data FILE.tsv")
+        from worker.datasets import missing_data_message
+
+        raise CliError(
+            missing_data_message(options.data)
+            if data is None
+            else f"benchmark posts {options.data} not found: pass --data FILE.tsv"
+        )
     run_bench(options, log=err.print)
+
+
+@data_app.command("fetch")
+@one_line_errors
+def data_fetch(
+    name: Annotated[str, typer.Argument(help="The data set: goemotions.")],
+    folder: Annotated[
+        Path | None,
+        typer.Option(
+            "--dir",
+            help="Where the files go; default: $EMOWORKER_GOEMOTIONS_DIR, else goemotions/ in "
+            "$EMOWORKER_CACHE_DIR, $XDG_CACHE_HOME/emotion-stream or ~/.cache/emotion-stream.",
+        ),
+    ] = None,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from", help="Copy the files from this local folder instead (same sha256 checks)."
+        ),
+    ] = None,
+    include_test: Annotated[
+        bool,
+        typer.Option(
+            "--include-test",
+            help="Also the test split (held out for independent evaluation; no pinned sha256).",
+        ),
+    ] = False,
+) -> None:
+    """Download a data set's official files (pinned URLs and sha256) into the cache folder."""
+    from rich.markup import escape
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskID,
+        TransferSpeedColumn,
+    )
+
+    from worker.datasets import DATASETS, DataFetchError, default_data_dir, fetch_dataset
+    from worker.logs import configure_logging
+
+    if name not in DATASETS:
+        raise CliError(f"unknown data set {name!r}: choose from {', '.join(DATASETS)}")
+    configure_logging("auto", "WARNING")
+    target = folder if folder is not None else default_data_dir()
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    ) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def progress(file: str, done: int, total: int | None) -> None:
+            if file not in tasks:
+                tasks[file] = bar.add_task(file, total=total)
+            bar.update(tasks[file], completed=done)
+
+        try:
+            fetched = fetch_dataset(
+                DATASETS[name],
+                target,
+                source_dir=source,
+                include_optional=include_test,
+                progress=progress,
+            )
+        except DataFetchError as exc:
+            raise CliError(escape(str(exc))) from exc
+    for f in fetched:
+        check = "sha256 ok" if f.verified else f"no pinned sha256, got {f.sha256}"
+        err.print(f"{f.name}: {f.action} ({f.size:,} bytes, {check})")
+    err.print(f"{name} ready in {escape(str(target))}")
 
 
 def main() -> None:

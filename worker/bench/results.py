@@ -15,11 +15,12 @@ import numpy as np
 import psutil
 import torch
 
+from worker.datasets import default_data_dir
 from worker.training.goemotions import GOEMOTIONS_LABELS, read_tsv
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"
-DEFAULT_DEV = REPO.parent / "shared" / "data" / "goemotions" / "dev.tsv"
+DEFAULT_DEV = default_data_dir() / "dev.tsv"  # filled by `emoworker data fetch goemotions`
 
 
 def machine() -> str:
