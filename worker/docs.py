@@ -1,4 +1,4 @@
-"""The README's configuration reference, generated from the settings class."""
+"""The configuration reference (docs/configuration.md), generated from the settings class."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pydantic_core import PydanticUndefined
 from worker.settings import WorkerSettings
 
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
-README = Path(__file__).resolve().parent.parent / "README.md"
+CONFIG_DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 
 
 def _default(field: FieldInfo) -> str:
@@ -56,10 +56,11 @@ def config_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme_with_reference(text: str) -> str:
+def with_reference(text: str) -> str:
+    """``text`` (a markdown page) with the block between the markers regenerated."""
     block = f"{START}\n{config_reference()}{END}"
-    if START not in text:
-        raise ValueError(f"README has no {START} marker")
+    if START not in text or END not in text:
+        raise ValueError(f"the page has no {START} ... {END} block")
     return re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
 
 
@@ -68,9 +69,14 @@ def settings_schema() -> str:
 
 
 def main() -> None:
-    """Rewrite the configuration reference in README.md (``make docs``)."""
-    README.write_text(readme_with_reference(README.read_text(encoding="utf-8")), encoding="utf-8")
-    print(f"updated the configuration reference in {README}")
+    """Rewrite the configuration reference in docs/configuration.md (``make docs``)."""
+    text = CONFIG_DOC.read_text(encoding="utf-8")
+    updated = with_reference(text)
+    if updated == text:
+        print(f"the configuration reference in {CONFIG_DOC} is up to date")
+        return
+    CONFIG_DOC.write_text(updated, encoding="utf-8")
+    print(f"updated the configuration reference in {CONFIG_DOC}")
 
 
 if __name__ == "__main__":
