@@ -1,28 +1,22 @@
-"""Shared fixtures: the Kafka cluster, a small real model, settings and topics per test."""
+"""Shared fixtures: the Kafka cluster, a small real model, settings and topics per test.
+
+The helpers tests import (``Topics``, ``make_topics``, ``running``, ``WorkerProcess``, ...) are in
+``harness.py``."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka_cluster import KafkaCluster, create_topics, kafka_cluster
+from harness import Topics
+from kafka_cluster import KafkaCluster, kafka_cluster
 from model_fixtures import build_test_model
 
 from worker.inference.loading import Classifier, load_classifier
-from worker.pipeline import Pipeline
 from worker.settings import ModelSettings, WorkerSettings
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -54,23 +48,6 @@ def test_classifier(test_model_dir: Path) -> Classifier:
     return load_classifier(ModelSettings(path=str(test_model_dir), device="cpu"))
 
 
-@dataclass
-class Topics:
-    input: str
-    enriched: str
-    review: str
-    dead_letter: str
-    group_id: str
-
-    def settings_dict(self) -> dict[str, Any]:
-        return {
-            "input": self.input,
-            "enriched": self.enriched,
-            "review": self.review,
-            "dead_letter": self.dead_letter,
-        }
-
-
 @pytest.fixture
 def topics() -> Topics:
     tag = uuid.uuid4().hex[:10]
@@ -80,13 +57,6 @@ def topics() -> Topics:
         review=f"review-{tag}",
         dead_letter=f"dlq-{tag}",
         group_id=f"group-{tag}",
-    )
-
-
-async def make_topics(kafka: KafkaCluster, topics: Topics, partitions: int = 4) -> None:
-    await create_topics(kafka.bootstrap_servers, [topics.input], partitions)
-    await create_topics(
-        kafka.bootstrap_servers, [topics.enriched, topics.review, topics.dead_letter], 2
     )
 
 
@@ -116,78 +86,3 @@ def make_settings(
         return WorkerSettings.from_layers(base, overrides)
 
     return factory
-
-
-@contextlib.asynccontextmanager
-async def running(pipeline: Pipeline) -> AsyncIterator[asyncio.Task[int]]:
-    """Run a pipeline in the background; stop it gracefully on exit."""
-    task = asyncio.create_task(pipeline.run())
-    try:
-        yield task
-    finally:
-        pipeline.request_stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 60)
-
-
-def settings_env(settings: WorkerSettings) -> dict[str, str]:
-    """EMOWORKER_* environment variables equivalent to ``settings`` (for worker processes)."""
-    env: dict[str, str] = {}
-
-    def walk(prefix: str, data: dict[str, Any]) -> None:
-        for key, value in data.items():
-            name = f"{prefix}{key.upper()}"
-            if isinstance(value, dict):
-                walk(name + "__", value)
-            elif value is not None:
-                env[name] = value if isinstance(value, str) else __import__("json").dumps(value)
-
-    walk("EMOWORKER_", settings.model_dump(mode="json"))
-    env.pop("EMOWORKER_WORKER_ID", None)
-    return env
-
-
-class WorkerProcess:
-    """``emoworker run`` in a child process, with its log captured."""
-
-    def __init__(self, settings: WorkerSettings, log_path: Path, name: str = "worker") -> None:
-        env = {**os.environ, **settings_env(settings), "EMOWORKER_WORKER_ID": name}
-        env["EMOWORKER_LOG_FORMAT"] = "json"
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 (closed in wait/kill)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "run"],
-            cwd=REPO,
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def terminate(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-        self._log.close()
-
-    def wait(self, timeout: float) -> int:
-        code = self.proc.wait(timeout)
-        self._log.close()
-        return code
-
-    async def wait_for_log(self, text: str, timeout_s: float = 120) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while loop.time() < deadline:
-            if text in self.log_text():
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.log_text()}")
-            await asyncio.sleep(0.2)
-        raise AssertionError(
-            f"{text!r} not in the worker log after {timeout_s}s:\n{self.log_text()}"
-        )

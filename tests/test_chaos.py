@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
-from conftest import Topics, WorkerProcess, make_topics, running
+from harness import Topics, WorkerProcess, make_topics, running
 from kafka_cluster import KafkaCluster
 from streams import committed_and_end, post_bytes, produce
 from test_faults import OutputWatcher, log_events, own_broker, report

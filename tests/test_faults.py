@@ -32,7 +32,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import RecordTooLargeError
 from aiokafka.structs import ConsumerRecord
-from conftest import Topics, WorkerProcess, make_topics, running
+from harness import Topics, WorkerProcess, make_topics, running
 from kafka_cluster import KafkaCluster
 from streams import committed_and_end, post_bytes, produce, read_all, values
 

@@ -18,9 +18,9 @@ import numpy as np
 import orjson
 import pytest
 import torch
-from conftest import Topics, make_topics, running
 from families import builders
 from families.builders import SEMEVAL_LABELS
+from harness import Topics, make_topics, running
 from kafka_cluster import KafkaCluster
 from streams import post_bytes, produce, read_all, values
 from texts import EXAMPLE_TEXTS

@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import Topics, make_topics, running
+from harness import Topics, make_topics, running
 from kafka_cluster import KafkaCluster
 from prometheus_client.parser import text_string_to_metric_families
 from streams import post_bytes, produce, read_all, values

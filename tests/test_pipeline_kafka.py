@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import Topics, WorkerProcess, make_topics, running
+from harness import Topics, WorkerProcess, make_topics, running
 from kafka_cluster import KafkaCluster
 from streams import committed_and_end, post_bytes, produce, read_all, values
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import Topics, make_topics
+from harness import Topics, make_topics
 from kafka_cluster import KafkaCluster
 from streams import post_bytes, produce, read_all
 from typer.testing import CliRunner

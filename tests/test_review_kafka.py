@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from conftest import Topics, make_topics, running
+from harness import Topics, make_topics, running
 from kafka_cluster import KafkaCluster
 from streams import SAMPLE_TEXTS, post_bytes, produce, read_all, values
 from texts import EXAMPLE_TEXTS

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
-from conftest import Topics, WorkerProcess
+from harness import Topics, WorkerProcess
 from streams import post_bytes
 from test_faults import OutputWatcher, free_port, http_get, log_events, own_broker, report
 
@@ -47,11 +47,11 @@ def sasl_broker() -> Iterator[LocalKafka]:
 
 @pytest.fixture(autouse=True)
 def worker_gets_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
-    """conftest.settings_env writes SecretStr fields as "**********" (model_dump masks them):
+    """harness.settings_env writes SecretStr fields as "**********" (model_dump masks them):
     hand worker processes the real password."""
-    import conftest
+    import harness
 
-    masked = conftest.settings_env
+    masked = harness.settings_env
 
     def settings_env(settings: WorkerSettings) -> dict[str, str]:
         env = masked(settings)
@@ -59,7 +59,7 @@ def worker_gets_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
             env["EMOWORKER_KAFKA__SASL_PASSWORD"] = settings.kafka.sasl_password.get_secret_value()
         return env
 
-    monkeypatch.setattr(conftest, "settings_env", settings_env)
+    monkeypatch.setattr(harness, "settings_env", settings_env)
 
 
 def sasl_settings(broker: LocalKafka, password: str) -> dict[str, Any]:

@@ -1,0 +1,122 @@
+"""Helpers the Kafka tests import: topic names, a pipeline run in the background, a worker in a
+child process. The fixtures that build them are in ``conftest.py``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kafka_cluster import KafkaCluster, create_topics
+
+from worker.pipeline import Pipeline
+from worker.settings import WorkerSettings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Topics:
+    input: str
+    enriched: str
+    review: str
+    dead_letter: str
+    group_id: str
+
+    def settings_dict(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "enriched": self.enriched,
+            "review": self.review,
+            "dead_letter": self.dead_letter,
+        }
+
+
+async def make_topics(kafka: KafkaCluster, topics: Topics, partitions: int = 4) -> None:
+    await create_topics(kafka.bootstrap_servers, [topics.input], partitions)
+    await create_topics(
+        kafka.bootstrap_servers, [topics.enriched, topics.review, topics.dead_letter], 2
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(pipeline: Pipeline) -> AsyncIterator[asyncio.Task[int]]:
+    """Run a pipeline in the background; stop it gracefully on exit."""
+    task = asyncio.create_task(pipeline.run())
+    try:
+        yield task
+    finally:
+        pipeline.request_stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 60)
+
+
+def settings_env(settings: WorkerSettings) -> dict[str, str]:
+    """EMOWORKER_* environment variables equivalent to ``settings`` (for worker processes)."""
+    env: dict[str, str] = {}
+
+    def walk(prefix: str, data: dict[str, Any]) -> None:
+        for key, value in data.items():
+            name = f"{prefix}{key.upper()}"
+            if isinstance(value, dict):
+                walk(name + "__", value)
+            elif value is not None:
+                env[name] = value if isinstance(value, str) else json.dumps(value)
+
+    walk("EMOWORKER_", settings.model_dump(mode="json"))
+    env.pop("EMOWORKER_WORKER_ID", None)
+    return env
+
+
+class WorkerProcess:
+    """``emoworker run`` in a child process, with its log captured."""
+
+    def __init__(self, settings: WorkerSettings, log_path: Path, name: str = "worker") -> None:
+        env = {**os.environ, **settings_env(settings), "EMOWORKER_WORKER_ID": name}
+        env["EMOWORKER_LOG_FORMAT"] = "json"
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 (closed in wait/kill)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "worker.cli", "run"],
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+        self._log.close()
+
+    def wait(self, timeout: float) -> int:
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    async def wait_for_log(self, text: str, timeout_s: float = 120) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if text in self.log_text():
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited ({self.proc.returncode}):\n{self.log_text()}")
+            await asyncio.sleep(0.2)
+        raise AssertionError(
+            f"{text!r} not in the worker log after {timeout_s}s:\n{self.log_text()}"
+        )
