@@ -47,16 +47,46 @@ async def make_topics(kafka: KafkaCluster, topics: Topics, partitions: int = 4) 
     )
 
 
+async def _stopped(task: asyncio.Task[int], timeout_s: float) -> bool:
+    """Whether ``task`` ended within ``timeout_s``; one that did not is cancelled."""
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if done:
+        return True
+    task.cancel()
+    await asyncio.wait({task}, timeout=10)
+    return False
+
+
 @contextlib.asynccontextmanager
-async def running(pipeline: Pipeline) -> AsyncIterator[asyncio.Task[int]]:
-    """Run a pipeline in the background; stop it gracefully on exit."""
+async def running(
+    pipeline: Pipeline, expect_exit: int | None = 0, stop_timeout_s: float = 60
+) -> AsyncIterator[asyncio.Task[int]]:
+    """Run a pipeline in the background; stop it gracefully on exit.
+
+    When the block ends without an error, the test fails if the pipeline does not stop within
+    ``stop_timeout_s`` of the stop request, if ``run()`` raised (re-raised here), or if it
+    returned another exit code than ``expect_exit`` (None: any code; for a test that reads the
+    task's result itself). When the block raises, the pipeline is stopped all the same and
+    that error is the one reported.
+    """
     task = asyncio.create_task(pipeline.run())
     try:
         yield task
-    finally:
+    except BaseException:
         pipeline.request_stop()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 60)
+        if await _stopped(task, stop_timeout_s) and not task.cancelled():
+            task.exception()  # retrieved: the block's error is the one reported
+        raise
+    pipeline.request_stop()
+    if not await _stopped(task, stop_timeout_s):
+        raise AssertionError(f"the pipeline did not stop within {stop_timeout_s:g}s of the stop")
+    if task.cancelled():
+        if expect_exit is None:
+            return
+        raise AssertionError("the pipeline's task was cancelled instead of stopping")
+    code = task.result()  # re-raises what run() raised
+    if expect_exit is not None and code != expect_exit:
+        raise AssertionError(f"the pipeline exited with {code}, expected {expect_exit}")
 
 
 def settings_env(settings: WorkerSettings) -> dict[str, str]:
