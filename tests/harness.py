@@ -10,7 +10,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,18 @@ async def make_topics(kafka: KafkaCluster, topics: Topics, partitions: int = 4) 
     await create_topics(
         kafka.bootstrap_servers, [topics.enriched, topics.review, topics.dead_letter], 2
     )
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Poll ``predicate`` every 0.1 s until it holds; returns the seconds that took, fails with
+    ``what`` after ``timeout_s``."""
+    started = time.monotonic()
+    while not predicate():
+        waited = time.monotonic() - started
+        if waited > timeout_s:
+            raise AssertionError(f"{what}: not the case after {timeout_s:.0f}s")
+        await asyncio.sleep(0.1)
+    return time.monotonic() - started
 
 
 async def _stopped(task: asyncio.Task[int], timeout_s: float) -> bool:

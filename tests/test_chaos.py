@@ -26,7 +26,7 @@ from typing import Any
 import psutil
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
-from harness import Topics, WorkerProcess, make_topics, running
+from harness import Topics, WorkerProcess, make_topics, running, wait_until
 from kafka_cluster import KafkaCluster
 from streams import committed_and_end, post_bytes, produce
 from test_faults import OutputWatcher, log_events, own_broker, report
@@ -162,24 +162,52 @@ async def test_group_scaled_one_three_one(
     capsys,
 ) -> None:
     await make_topics(kafka, topics, partitions=6)
-    n = 1500
+    n, head = 1500, 500
     messages, names = stream(n)
-    await produce(kafka.bootstrap_servers, topics.input, messages)
+    await produce(kafka.bootstrap_servers, topics.input, messages[:head])
 
     def worker(name: str) -> Pipeline:
         settings = make_settings(worker_id=name, model={"n_samples": 2}, **mode_settings(mode))
         return Pipeline(settings, classifier=test_classifier)
 
     first = worker("scale-a")
+    group = [first]
     bound = 3 * first.settings.max_in_flight_batches * first.settings.batch_size
+
+    def spread() -> list[int]:
+        return [len(p.assigned) for p in group]
+
+    def enriched() -> list[int]:
+        return [
+            int(p.metrics.registry.get_sample_value("emoworker_posts_enriched_total") or 0)
+            for p in group
+        ]
+
     async with OutputWatcher(kafka.client_config(), topics, isolation(mode)) as out:
         async with running(first) as task_a:
             await out.wait_for(200, timeout_s=300)
-            extra = [worker("scale-b"), worker("scale-c")]
-            async with running(extra[0]), running(extra[1]):
-                await out.wait_for(out.total + 300, timeout_s=300)
-                assert all(p.assigned for p in [first, *extra]), "all three got partitions"
+            group += [worker("scale-b"), worker("scale-c")]
+            async with running(group[1]), running(group[2]):
+                # the state under test: a generation in which each of the three owns partitions
+                # (an eager rebalance revokes before it assigns, so 6 owned between the three,
+                # none empty, is one settled generation, not a mix of an old one and a new)
+                scale_up_s = await wait_until(
+                    lambda: all(spread()) and sum(spread()) == 6, 120, "all three got partitions"
+                )
+                three, at_three, before = spread(), out.total, enriched()
+                # the rest of the stream goes in now, over all six partitions: all three work
+                await produce(kafka.bootstrap_servers, topics.input, messages[head:])
+                await wait_until(
+                    lambda: all(e > b for e, b in zip(enriched(), before, strict=True)),
+                    300,
+                    "each of the three enriched posts of the second part",
+                )
+            at_one, by_worker = out.total, enriched()
+            assert at_one < n, "b and c stopped after the stream was done"
             # b and c stopped gracefully: a takes every partition back
+            scale_down_s = await wait_until(
+                lambda: len(first.assigned) == 6, 120, "the first worker got all 6 back"
+            )
             await out.wait_for(n, timeout_s=600)
             await out.settle(4)
             assert not task_a.done()
@@ -190,7 +218,12 @@ async def test_group_scaled_one_three_one(
         kafka.bootstrap_servers, topics.group_id, topics.input
     )
     assert committed == ends
-    report(capsys, result)
+    report(
+        capsys,
+        f"{result}; partitions {three} {scale_up_s:.1f}s after b and c started (output "
+        f"{at_three}); b and c stopped at output {at_one} of {n}, enriched by a, b, c then "
+        f"{by_worker}; all 6 back on a {scale_down_s:.1f}s later",
+    )
 
 
 # ── the broker restarted mid-stream ─────────────────────────────────────────────────────────
