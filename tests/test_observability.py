@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from harness import Topics, make_topics, running
+from harness import Topics, make_topics, running, wait_until
 from kafka_cluster import KafkaCluster
 from prometheus_client.parser import text_string_to_metric_families
 from streams import post_bytes, produce, read_all, values
@@ -117,3 +117,54 @@ async def test_not_ready_until_partitions_are_assigned(make_settings, test_class
         status, body = await get(f"{base}/readyz")
         assert status == 503
         assert b"connecting to Kafka" in body
+
+
+async def test_a_worker_without_partitions_is_not_ready(
+    kafka: KafkaCluster, topics: Topics, make_settings, test_classifier
+) -> None:
+    """More workers than partitions: the one the group gives nothing is connected, alive and
+    not ready ("no partitions assigned"); the one that owns the partition is ready."""
+    await make_topics(kafka, topics, partitions=1)
+    pipelines = {
+        name: Pipeline(
+            make_settings(worker_id=name, http_host="127.0.0.1", http_port=free_port()),
+            classifier=test_classifier,
+        )
+        for name in ("first", "second")
+    }
+    assignments: dict[str, list[set[int]]] = {name: [] for name in pipelines}
+    for name, pipeline in pipelines.items():
+        original = pipeline.on_assigned
+
+        def on_assigned(assigned, name=name, original=original):  # type: ignore[no-untyped-def]
+            assignments[name].append({tp.partition for tp in assigned})
+            original(assigned)
+
+        pipeline.on_assigned = on_assigned  # type: ignore[method-assign]
+    first, second = pipelines["first"], pipelines["second"]
+    async with running(first):
+        await wait_until(lambda: bool(first.assigned), 60, "the first worker owns the partition")
+        async with running(second):
+            # settled once the second worker got its (empty) share and the first its new one
+            await wait_until(
+                lambda: len(assignments["second"]) >= 1 and len(assignments["first"]) >= 2,
+                60,
+                "a rebalance with both workers in the group",
+            )
+            states = {name: p.ready() for name, p in pipelines.items()}
+            answers = {
+                name: await get(f"http://127.0.0.1:{p.settings.http_port}/readyz")
+                for name, p in pipelines.items()
+            }
+            alive = {
+                name: (await get(f"http://127.0.0.1:{p.settings.http_port}/healthz"))[0]
+                for name, p in pipelines.items()
+            }
+    owners = [name for name, state in states.items() if state == (True, "ok")]
+    assert len(owners) == 1, (states, assignments)
+    (idle,) = set(pipelines) - set(owners)
+    assert states[idle] == (False, "no partitions assigned")
+    assert assignments[idle][-1] == set() and assignments[owners[0]][-1] == {0}
+    assert answers[owners[0]][0] == 200
+    assert answers[idle][0] == 503 and b"no partitions assigned" in answers[idle][1]
+    assert alive == {"first": 200, "second": 200}
