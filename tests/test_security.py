@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 from harness import Topics, WorkerProcess
 from streams import post_bytes
@@ -62,12 +62,12 @@ def worker_gets_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(harness, "settings_env", settings_env)
 
 
-def sasl_settings(broker: LocalKafka, password: str) -> dict[str, Any]:
+def sasl_settings(broker: LocalKafka, password: str, sasl: SaslConfig = SASL) -> dict[str, Any]:
     return {
         "bootstrap_servers": broker.bootstrap_servers,
         "security_protocol": "SASL_PLAINTEXT",
-        "sasl_mechanism": SASL.mechanism,
-        "sasl_username": SASL.username,
+        "sasl_mechanism": sasl.mechanism,
+        "sasl_username": sasl.username,
         "sasl_password": password,
     }
 
@@ -126,6 +126,65 @@ async def test_sasl_worker_logs_in_processes_and_never_shows_the_password(
     log = worker.log_text()
     assert any(e.get("level") == "debug" for e in log_events(log)), "DEBUG lines were written"
     assert log.count(PASSWORD) == 0 and "s3cret" not in log
+
+
+@pytest.mark.kafka
+async def test_worker_logs_in_with_sasl_plain_enriches_and_commits(
+    topics: Topics, make_settings, tmp_path: Path, capsys
+) -> None:
+    """The worker process itself with SASL PLAIN (a broker that offers PLAIN only): every post
+    in comes out enriched once, and the group's commit covers the input."""
+    plain = SaslConfig("PLAIN", "emoworker-plain", PASSWORD)
+    with own_broker(sasl=plain) as broker:
+        await sasl_topics(broker, topics)
+        client = broker.client_config()
+        n = 30
+        producer = AIOKafkaProducer(**client, acks="all")
+        await producer.start()
+        try:
+            for i in range(n):
+                key, value = post_bytes(i)
+                await producer.send(topics.input, value, key=key)
+            await producer.flush()
+        finally:
+            await producer.stop()
+        settings = make_settings(
+            model={"n_samples": 2}, kafka=sasl_settings(broker, PASSWORD, plain)
+        )
+        assert settings.kafka.sasl_mechanism == "PLAIN"
+        worker = WorkerProcess(settings, tmp_path / "worker.log", name="sasl-plain")
+        try:
+            async with OutputWatcher(client, topics) as out:
+                await out.wait_for(n, timeout_s=180, worker=worker)
+                await out.settle(2)
+            worker.terminate()
+            code = await asyncio.to_thread(worker.wait, 60)
+        finally:
+            if worker.proc.poll() is None:
+                worker.kill()
+        committed = await committed_offsets(client, topics.group_id, topics.input, 2)
+    log = worker.log_text()
+    assert code == 0, log[-3000:]
+    assert set(out.ids) == {f"post-{i}" for i in range(n)}
+    assert out.duplicates() == 0 and out.letters == []
+    assert sum(committed.values()) == n, committed
+    assert log.count(PASSWORD) == 0
+    enriched = sum(out.ids.values())
+    report(capsys, f"SASL PLAIN worker: {n} in, {enriched} enriched, committed {committed}")
+
+
+async def committed_offsets(
+    client: dict[str, Any], group_id: str, topic: str, partitions: int
+) -> dict[int, int]:
+    """The group's committed offset of each partition of ``topic`` (0 where none)."""
+    consumer = AIOKafkaConsumer(**client, group_id=group_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        return {
+            p: await consumer.committed(TopicPartition(topic, p)) or 0 for p in range(partitions)
+        }
+    finally:
+        await consumer.stop()
 
 
 @pytest.mark.kafka
