@@ -65,6 +65,7 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
         )
 
 
+@pytest.mark.kafka
 def test_transport_bench_counts_every_post_through_its_reader_process(
     kafka: Any, test_model_dir: Path
 ) -> None:

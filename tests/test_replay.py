@@ -19,8 +19,6 @@ from worker.kafka.replay import ReplayError, replay_dead_letters, restore_messag
 from worker.processing import dead_letter_event
 from worker.settings import WorkerSettings
 
-pytestmark = pytest.mark.kafka
-
 KEEP_BYTES = 65_536
 SOURCE = {"topic": "posts", "partition": 0, "offset": 0}
 
@@ -95,6 +93,7 @@ def cli_env(topics: Topics) -> dict[str, str]:
     }
 
 
+@pytest.mark.kafka
 async def test_replay_publishes_the_original_bytes_and_keys(
     kafka: KafkaCluster, topics: Topics
 ) -> None:
@@ -127,6 +126,7 @@ async def test_replay_publishes_the_original_bytes_and_keys(
     assert len(await read_all(kafka.bootstrap_servers, topics.dead_letter, expect=9)) == 9
 
 
+@pytest.mark.kafka
 async def test_replay_kind_filter_to_another_topic_and_limit(
     kafka: KafkaCluster, topics: Topics
 ) -> None:
@@ -153,6 +153,7 @@ async def test_replay_kind_filter_to_another_topic_and_limit(
     assert set(replayed) <= set(REPLAYABLE)
 
 
+@pytest.mark.kafka
 async def test_replay_of_a_missing_topic_is_a_clear_error(
     kafka: KafkaCluster, topics: Topics
 ) -> None:
@@ -164,6 +165,7 @@ async def test_replay_of_a_missing_topic_is_a_clear_error(
         await replay_dead_letters(settings, to_topic="no-such-topic-here")
 
 
+@pytest.mark.kafka
 def test_cli_dry_run_counts_and_publishes_nothing(kafka: KafkaCluster, topics: Topics) -> None:
     asyncio.run(prepare(kafka, topics))
     result = CliRunner().invoke(
@@ -182,6 +184,7 @@ def test_cli_dry_run_counts_and_publishes_nothing(kafka: KafkaCluster, topics: T
     assert asyncio.run(read_all(kafka.bootstrap_servers, topics.input, idle_s=2)) == []
 
 
+@pytest.mark.kafka
 def test_cli_kind_filter_replays_only_those_kinds(kafka: KafkaCluster, topics: Topics) -> None:
     asyncio.run(prepare(kafka, topics))
     result = CliRunner().invoke(
@@ -200,6 +203,7 @@ def test_cli_kind_filter_replays_only_those_kinds(kafka: KafkaCluster, topics: T
     assert asyncio.run(pairs(kafka, topics.input, 2)) == expected(JSON_CUT, JSON_NO_KEY)
 
 
+@pytest.mark.kafka
 def test_cli_errors_are_one_line(kafka: KafkaCluster, topics: Topics) -> None:
     runner = CliRunner()
     bad_kind = runner.invoke(app, ["replay", "--kind", "nonsense"], env=cli_env(topics))
