@@ -55,6 +55,7 @@ from worker.settings import ModelSettings
 
 TRUST_ENV = "EMOWORKER_MODEL__TRUST_REMOTE_CODE"
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+LORA_WEIGHTS = "adapter_model.safetensors"  # what peft reads of a LoRA bundle
 PROBE_TEXT = "Thank you, this is great!"
 
 
@@ -119,14 +120,17 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*enable_nested_tensor is True.*")
 
 
-def _refuse_pickle_weights(folder: Path) -> None:
-    """A folder with torch weights only as pickle files is refused (they can run code)."""
-    if any(folder.glob("*.safetensors")):
+def _refuse_pickle_weights(
+    folder: Path, safe: str = "*.safetensors", what: str = "weights"
+) -> None:
+    """A folder with torch weights only as pickle files is refused (they can run code):
+    ``safe`` is the file (glob) that would be loaded instead, ``what`` names it in the error."""
+    if any(folder.glob(safe)):
         return
     pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in folder.glob(pattern))
     if pickles:
         raise ModelLoadError(
-            f"{folder} has weights only as {', '.join(pickles)}; only safetensors are loaded "
+            f"{folder} has {what} only as {', '.join(pickles)}; only safetensors are loaded "
             "(pickle files can run code). Convert the checkpoint with safetensors first"
         )
 
@@ -514,6 +518,8 @@ def _load_bundle(
 
     if manifest.weights == "full":
         return _load_hf(str(folder), settings, adapter)
+    if manifest.weights == "lora":  # peft would torch.load an adapter_model.bin
+        _refuse_pickle_weights(folder, LORA_WEIGHTS, "its LoRA adapter")
     base = resolve_base(manifest.base)
     config = AutoConfig.from_pretrained(str(folder))
     model, tokenizer = _load_hf(base, settings, adapter, config=config, complete=False)
