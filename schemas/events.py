@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 SUPPORTED_INPUT_MAJOR = "1"
 MAX_ID_CHARS = 512
@@ -69,12 +69,18 @@ class SocialPost(BaseModel):
         description="Unique id of the post; the key of its enriched event."
     )
     text: StrictStr = Field(description="The post's text; must hold visible characters.")
-    author: StrictStr | None = Field(None, description="Author handle or id.")
-    platform: StrictStr | None = Field(None, description="Where the post comes from, e.g. reddit.")
+    author: Annotated[StrictStr, Field(max_length=MAX_ID_CHARS)] | None = Field(
+        None, description="Author handle or id (at most 512 characters)."
+    )
+    platform: Annotated[StrictStr, Field(max_length=MAX_ID_CHARS)] | None = Field(
+        None, description="Where the post comes from, e.g. reddit (at most 512 characters)."
+    )
     created_at: AwareDatetime | None = Field(
         None, description="When the post was written (RFC 3339, with a time zone)."
     )
-    lang: StrictStr | None = Field(None, description="Language tag, e.g. en.")
+    lang: Annotated[StrictStr, Field(max_length=MAX_ID_CHARS)] | None = Field(
+        None, description="Language tag, e.g. en (at most 512 characters)."
+    )
     metadata: dict[str, Any] | None = Field(None, description="Free-form object, passed through.")
 
     _check_version = field_validator("schema_version")(check_schema_version)
@@ -235,6 +241,8 @@ DeadLetterKind = Literal[
     "nesting_too_deep",
     "unsupported_schema_version",
     "processing_error",
+    "output_too_large",
+    "output_unserialisable",
 ]
 
 
@@ -254,6 +262,11 @@ class DeadLetterPayload(BaseModel):
     sha256: str | None = Field(description="SHA-256 of the whole original message.")
 
 
+class RecordHeader(BaseModel):
+    key: str = Field(description="Header name, as the producer set it.")
+    value_base64: str | None = Field(description="Header value, base64 (null: no value).")
+
+
 class DeadLetter(BaseModel):
     """A message that could not be processed (the dead-letter topic)."""
 
@@ -266,6 +279,11 @@ class DeadLetter(BaseModel):
     payload: DeadLetterPayload
     failed_at: datetime
     worker_id: str
+    headers: list[RecordHeader] | None = Field(
+        None,
+        description="The record's headers, in order, values base64; restored by replay "
+        "(since 1.2).",
+    )
 
 
 EVENT_MODELS: dict[str, type[BaseModel]] = {

@@ -34,13 +34,30 @@ SAMPLE_TEXTS = [
 async def produce(
     bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]], **kw: Any
 ) -> None:
+    await produce_with_headers(bootstrap, topic, [(k, v, []) for k, v in messages], **kw)
+
+
+async def produce_with_headers(
+    bootstrap: str,
+    topic: str,
+    messages: list[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]],
+    **kw: Any,
+) -> None:
+    """Like ``produce``, each message with its record headers, in order."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", **kw)
     await producer.start()
     try:
-        futures = [await producer.send(topic, value, key=key) for key, value in messages]
+        futures = [
+            await producer.send(topic, value, key=key, headers=headers)
+            for key, value, headers in messages
+        ]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
+
+
+def headers_of(record: ConsumerRecord[bytes, bytes]) -> list[tuple[str, bytes]]:
+    return [(name, value) for name, value in record.headers]
 
 
 async def read_all(

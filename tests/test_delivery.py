@@ -1,5 +1,6 @@
 """Publisher.send_all: records go out as producer batches per topic partition, on the partitions
-``producer.send`` would choose, under one deadline; a topic that fails fails only its records."""
+``producer.send`` would choose, under one deadline, never larger than their topic accepts; a
+topic that fails fails only its records."""
 
 from __future__ import annotations
 
@@ -12,19 +13,28 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import UnknownTopicOrPartitionError
 from kafka_cluster import KafkaCluster, create_topics, unique_topic
 
-from worker.kafka.delivery import OutputRecord, Publisher
+from worker.kafka.admin import ensure_topics
+from worker.kafka.delivery import SIZE_ERRORS, DeliveryFailed, OutputRecord, Publisher
+from worker.kafka.topic_limits import TopicLimits
 
 
 class StandInBatch:
     def __init__(self, room: int) -> None:
         self.values: list[bytes] = []
+        self.headers: list[list[Any]] = []
         self.room = room
 
-    def append(self, *, key: bytes | None, value: bytes, timestamp: None) -> object | None:
+    def append(
+        self, *, key: bytes | None, value: bytes, timestamp: None, headers: list[Any]
+    ) -> object | None:
         if len(self.values) >= self.room:
             return None
         self.values.append(value)
+        self.headers.append(headers)
         return object()
+
+    def size(self) -> int:
+        return sum(len(v) + 96 for v in self.values)
 
 
 class StandInProducer:
@@ -126,3 +136,58 @@ async def test_records_land_on_the_partitions_send_would_choose(kafka: KafkaClus
     for partition in range(5):  # in order within a partition
         values = [int(v) for k, p, v in batched if p == partition and k is not None]
         assert values == sorted(values)
+
+
+async def test_no_batch_is_made_larger_than_its_topic_accepts() -> None:
+    producer = StandInProducer()
+    producer.room = 10
+    publisher = Publisher(
+        producer,  # type: ignore[arg-type]
+        delivery_timeout_s=5,
+        limits=TopicLimits({"small": 450}),
+    )
+    out = [OutputRecord("small", b"k", bytes([65 + i]) * 100, "enriched") for i in range(5)]
+    await publisher.confirm(await publisher.send_all(out))
+    # each record counts 96 + 1 + 100 bytes: two fit in 450, a third does not
+    assert [len(values) for _, _, values in producer.sent] == [2, 2, 1]
+    assert [v for _, _, values in producer.sent for v in values] == [r.value for r in out]
+
+
+@pytest.mark.kafka
+@pytest.mark.timeout(120)
+async def test_batches_fit_a_topic_with_a_small_record_limit(kafka: KafkaCluster) -> None:
+    """A topic accepting 20,000-byte record batches: 20 records of 3,000 bytes for one key go
+    out in batches that fit when the publisher knows the limit; without it the broker rejects
+    the single batch they would make (and the idempotent producer's partition is broken)."""
+    topic = unique_topic("small")
+    await ensure_topics(kafka.client_config(), [topic], 1, configs={"max.message.bytes": "20000"})
+    out = [OutputRecord(topic, b"one-key", b"%04d" % i * 750, "enriched") for i in range(20)]
+    for limits, expect_error in ((TopicLimits({topic: 20_000}), None), (TopicLimits(), True)):
+        producer = AIOKafkaProducer(  # the worker's batch size (kafka/clients.py)
+            **kafka.client_config(), enable_idempotence=True, max_batch_size=256 * 1024
+        )
+        await producer.start()
+        try:
+            publisher = Publisher(producer, delivery_timeout_s=30, limits=limits)
+            sent = await publisher.send_all(out)
+            if expect_error:
+                with pytest.raises(DeliveryFailed) as failed:
+                    await publisher.confirm(sent)
+                assert isinstance(failed.value.cause, SIZE_ERRORS)
+            else:
+                await publisher.confirm(sent)
+        finally:
+            await producer.stop()
+    consumer = AIOKafkaConsumer(
+        topic, **kafka.client_config(), auto_offset_reset="earliest", group_id=None
+    )
+    await consumer.start()
+    try:
+        got: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while len(got) < 20 and time.monotonic() < deadline:
+            for batch in (await consumer.getmany(timeout_ms=1000)).values():
+                got += [r.value for r in batch]
+    finally:
+        await consumer.stop()
+    assert got == [r.value for r in out]  # the first run's, in order; nothing of the second

@@ -37,9 +37,11 @@ from kafka_cluster import KafkaCluster
 from streams import committed_and_end, post_bytes, produce, read_all, values
 
 from schemas import DeadLetter
+from worker.exit_codes import EXIT_CONFIG, EXIT_DELIVERY, EXIT_MODEL
+from worker.isolation import SYSTEMIC_FAILURES
 from worker.kafka.admin import ensure_topics
 from worker.kafka.local_broker import LocalKafka, default_cache_dir
-from worker.pipeline import EXIT_DELIVERY, EXIT_MODEL, SYSTEMIC_FAILURES, Pipeline
+from worker.pipeline import Pipeline
 from worker.processing import BatchProcessor
 
 pytestmark = pytest.mark.kafka
@@ -455,39 +457,37 @@ async def test_a_model_failing_on_every_post_stops_the_worker_with_code_4(
 # ── produce errors on an output topic ───────────────────────────────────────────────────────
 
 
-async def test_output_topic_rejecting_events_stops_the_worker_with_code_3(
+async def test_output_topic_too_small_for_any_event_stops_the_worker_at_start(
     kafka: KafkaCluster, topics: Topics, make_settings, tmp_path: Path, capsys
 ) -> None:
-    """A non-retriable produce error (the enriched topic's max.message.bytes is smaller than
-    an event): no retries, no commit past the unpublished posts, exit code 3, one clear error."""
+    """The enriched topic's max.message.bytes is smaller than any event: the worker reads it
+    at start-up and refuses to start (exit 1, one clear line) instead of publishing."""
     await create_topic(kafka.client_config(), topics.enriched, 2, **{"max.message.bytes": 1000})
     await make_topics(kafka, topics, partitions=2)
     await produce(kafka.bootstrap_servers, topics.input, [post_bytes(i) for i in range(100)])
     settings = make_settings(model={"n_samples": 2}, kafka={"delivery_timeout_s": 5})
-    worker = WorkerProcess(settings, tmp_path / "worker.log", name="too-large")
+    worker = WorkerProcess(settings, tmp_path / "worker.log", name="too-small")
     try:
         code = await asyncio.to_thread(worker.wait, 150)
     finally:
         if worker.proc.poll() is None:
             worker.kill()
     log = worker.log_text()
-    assert code == EXIT_DELIVERY, log
+    assert code == EXIT_CONFIG, log
     errors = [e for e in log_events(log) if e.get("level") in ("error", "critical")]
     assert len(errors) == 1, errors
     reason = errors[0]["reason"]
-    assert topics.enriched in reason and "MessageSizeTooLargeError" in reason
-    assert "stopped consuming without committing past the unpublished messages" in reason
-    assert "(not retriable)" in reason
+    assert f"topic '{topics.enriched}' accepts records of at most 1,000 bytes" in reason
+    assert "raise the topic's max.message.bytes" in reason
     assert "Traceback" not in log
-    assert "publish failed; retrying" not in log, "a record too large cannot heal: no retries"
     committed, _ = await committed_and_end(kafka.bootstrap_servers, topics.group_id, topics.input)
-    assert all(not c for c in committed.values()), committed  # no enriched event got out
+    assert all(not c for c in committed.values()), committed
     events = log_events(log)
     ready = next(e["timestamp"] for e in events if e.get("event") == "model ready")
     took = datetime.fromisoformat(errors[0]["timestamp"]) - datetime.fromisoformat(ready)
     report(
         capsys,
-        f"output record too large: 100 in, 0 enriched, committed 0, exit {code} "
+        f"output topic too small for any event: 100 in, 0 enriched, committed 0, exit {code} "
         f"{took.total_seconds():.1f}s after the model was ready; error: {reason}",
     )
 

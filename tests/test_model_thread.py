@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from worker import pipeline as pipeline_module
+from worker import isolation as model_module
 from worker.inference.loading import Classifier
 from worker.inference.model_thread import THREAD_NAME, model_thread
 from worker.pipeline import Pipeline
@@ -38,13 +38,13 @@ def test_the_worker_loads_the_model_and_builds_the_engine_on_its_model_thread(
     test_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recorder = _Recorder()
-    real_load = pipeline_module.load_classifier
+    real_load = model_module.load_classifier
 
     def load(settings: Any) -> Classifier:
         recorder.threads["load"] = threading.get_ident()
         return real_load(settings)
 
-    monkeypatch.setattr(pipeline_module, "load_classifier", load)
+    monkeypatch.setattr(model_module, "load_classifier", load)
     pipeline = Pipeline(_settings(test_model_dir), processor_factory=recorder.factory)
     try:
         asyncio.run(pipeline._load_model())
@@ -79,7 +79,7 @@ def test_what_is_alive_once_the_model_is_ready_is_frozen_until_close(
     test_model_dir: Path, test_classifier: Classifier
 ) -> None:
     """The cyclic collector skips the model and libraries while the worker runs (see
-    ``pipeline.freeze_long_lived_objects``) and sees them again once it stops."""
+    ``gc_freeze.freeze_long_lived_objects``) and sees them again once it stops."""
     gc.unfreeze()
     pipeline = Pipeline(_settings(test_model_dir), classifier=test_classifier)
     try:

@@ -193,7 +193,7 @@ def classify(
                 src,
                 input,
                 processor,
-                DecodeLimits(settings.max_message_bytes, settings.max_text_chars),
+                DecodeLimits.of(settings),
                 out.write,
                 dlq.write,
                 None if rev is None else rev.write,

@@ -9,14 +9,18 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import ValidationError
 
 from schemas import DeadLetterKind, DeadLetterPayload, SocialPost
 
+if TYPE_CHECKING:
+    from worker.settings import WorkerSettings
+
 MAX_NESTING_DEPTH = 32
+DROPPED = "_dropped"  # the key of the marker that replaces a free-form field too large to copy
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,15 @@ class DecodeLimits:
     max_message_bytes: int = 1_048_576
     max_text_chars: int = 40_000
     max_nesting_depth: int = MAX_NESTING_DEPTH
+    max_passthrough_bytes: int = 65_536
+
+    @classmethod
+    def of(cls, settings: WorkerSettings) -> DecodeLimits:
+        return cls(
+            max_message_bytes=settings.max_message_bytes,
+            max_text_chars=settings.max_text_chars,
+            max_passthrough_bytes=settings.max_passthrough_bytes,
+        )
 
 
 @dataclass(frozen=True)
@@ -137,7 +150,26 @@ def decode_post(value: bytes | None, limits: DecodeLimits) -> SocialPost | Decod
             f"text has {len(post.text):,} characters; the limit is {limits.max_text_chars:,}",
             field="text",
         )
+    if len(value) > limits.max_passthrough_bytes:  # only a large message can carry large fields
+        bound_free_form_fields(post, limits.max_passthrough_bytes)
     return post
+
+
+def bound_free_form_fields(post: SocialPost, limit: int) -> None:
+    """Keep the copy of a post's free-form fields (``metadata`` and unknown fields) into its
+    events under ``limit`` bytes of JSON: while they are larger, the largest is replaced by a
+    marker ``{"_dropped": {"size_bytes": ..., "limit_bytes": ...}}``. The text, id and the
+    other named fields are bounded by the schema, so every event has a known largest size."""
+    fields = {"metadata": post.metadata} if post.metadata is not None else {}
+    fields.update(post.model_extra or {})
+    sizes = {name: len(orjson.dumps(value)) for name, value in fields.items()}
+    total = sum(sizes.values())
+    for name in sorted(sizes, key=sizes.__getitem__, reverse=True):
+        if total <= limit:
+            return
+        marker = {DROPPED: {"size_bytes": sizes[name], "limit_bytes": limit}}
+        setattr(post, name, marker)  # extra="allow": unknown fields are attributes too
+        total += len(orjson.dumps(marker)) - sizes[name]
 
 
 def payload_for_dead_letter(value: bytes | None, keep_bytes: int) -> DeadLetterPayload:

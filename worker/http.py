@@ -13,6 +13,8 @@ import orjson
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from worker.settings import WorkerSettings
+
 log = structlog.get_logger(__name__)
 MAX_REQUEST_BYTES = 8192
 
@@ -29,6 +31,16 @@ class HealthServer:
         self.host, self.port = host, port
         self._metrics, self._live, self._ready = metrics, live, ready
         self._server: asyncio.Server | None = None
+
+    @classmethod
+    def of(
+        cls,
+        settings: WorkerSettings,
+        metrics: Callable[[], bytes],
+        live: Callable[[], bool],
+        ready: Callable[[], tuple[bool, str]],
+    ) -> HealthServer:
+        return cls(settings.http_host, settings.http_port, metrics, live, ready)
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port)

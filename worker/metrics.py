@@ -1,8 +1,19 @@
-"""Prometheus metrics of one worker (its own registry, so several pipelines can share a process)."""
+"""Prometheus metrics of one worker (its own registry, so several pipelines can share a process),
+and the per-outcome counts and log lines of the messages it finishes."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from worker.inbound import Inbound
+
+log = structlog.get_logger("worker.pipeline")  # the outcome lines read as the pipeline's
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -73,3 +84,33 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def record_outcome(metrics: Metrics, item: Inbound, kinds: Sequence[str], batch: int) -> None:
+    """Count and log what became of one message once its outputs are acknowledged: ``kinds``
+    are its records' kinds (``enriched``, ``review`` or a dead-letter kind)."""
+    for kind in kinds:
+        if kind == "enriched":
+            metrics.enriched.inc()
+            if item.timestamp_ms:
+                metrics.end_to_end_seconds.observe(max(0.0, time.time() - item.timestamp_ms / 1000))
+        elif kind == "review":
+            metrics.reviewed.inc()
+            log.info(
+                "routed to review",
+                post_id=item.post.id if item.post else None,
+                batch=batch,
+                partition=item.tp.partition,
+                offset=item.offset,
+            )
+        else:
+            metrics.dead_lettered.labels(kind=kind).inc()
+            log.warning(
+                "dead-lettered",
+                kind=kind,
+                batch=batch,
+                topic=item.tp.topic,
+                partition=item.tp.partition,
+                offset=item.offset,
+                reason=item.failure.message if item.failure else None,
+            )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from schemas import DeadLetter, DeadLetterError, SocialPost
+from schemas import DeadLetter, DeadLetterError, RecordHeader, SocialPost
 from worker.decoding import DecodeFailure, payload_for_dead_letter
 from worker.inference.engine import EngineConfig, McDropoutEngine
 from worker.inference.loading import Classifier
@@ -104,6 +104,7 @@ def dead_letter_event(
     key: bytes | None,
     worker_id: str,
     keep_bytes: int,
+    headers: list[RecordHeader] | None = None,
 ) -> dict[str, Any]:
     """A dead letter as a JSON-ready dict (validated: this path is rare and must be right)."""
     import base64
@@ -115,5 +116,9 @@ def dead_letter_event(
         payload=payload_for_dead_letter(value, keep_bytes),
         failed_at=datetime.now(UTC),
         worker_id=worker_id,
+        headers=headers,
     )
-    return letter.model_dump(mode="json")
+    event = letter.model_dump(mode="json")
+    if headers is None:  # file mode: no record headers
+        del event["headers"]
+    return event

@@ -85,6 +85,41 @@ class TopicSettings(BaseModel):
     dead_letter: str = Field("posts.dead-letter", description="Messages that could not be read.")
 
 
+class HeaderSettings(BaseModel):
+    """Which input record headers the outputs carry (names match case-insensitively; shell-style
+    patterns). Every output also gets ``content-type`` and ``schema-version``; dead letters keep
+    all input headers in their JSON, for replay."""
+
+    propagate: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"],
+        description="Input headers copied to the enriched event, review request and dead letter "
+        "records, comma-separated patterns; empty: none.",
+    )
+    drop: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Input headers never copied, comma-separated patterns (wins over "
+        "propagate), e.g. authorization,x-internal-*.",
+    )
+
+    @field_validator("propagate", "drop", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return comma_separated(value)
+
+
+def comma_separated(value: object) -> object:
+    """A comma-separated (or JSON array) environment value as a list (an empty variable: an
+    empty list); other values unchanged."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
 class ReviewSettings(BaseModel):
     """When a post goes to human review. See the README's review section."""
 
@@ -160,12 +195,7 @@ class ReviewSettings(BaseModel):
     @field_validator("watch_labels", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+        return comma_separated(value)
 
 
 class ModelSettings(BaseModel):
@@ -213,6 +243,41 @@ class ModelSettings(BaseModel):
     )
 
 
+class OtelSettings(BaseModel):
+    """OpenTelemetry tracing: W3C trace context through the records, spans per batch and post,
+    exported over OTLP/HTTP. The standard ``OTEL_*`` variables keep their meaning (endpoint,
+    headers, timeout, sampler, ``OTEL_BSP_*``); see worker/tracing.py."""
+
+    enabled: bool | None = Field(
+        None,
+        description="Trace the pipeline. Empty: on when an OTLP endpoint is configured (endpoint "
+        "below, OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT), off "
+        "otherwise. OTEL_SDK_DISABLED=true always turns it off.",
+    )
+    endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector, e.g. http://otel-collector:4318 (/v1/traces is appended "
+        "unless present); wins over OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, which apply when empty.",
+    )
+    service_name: str = Field(
+        "emotion-stream",
+        description="service.name of the spans; OTEL_SERVICE_NAME (or service.name in "
+        "OTEL_RESOURCE_ATTRIBUTES) wins when set.",
+    )
+    sample_ratio: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of new traces recorded (parent-based: a post follows its incoming "
+        "traceparent's sampled flag); OTEL_TRACES_SAMPLER replaces this sampler when set.",
+    )
+    per_post_spans: bool = Field(
+        True,
+        description="One span per post (child of its incoming traceparent, linked to its batch); "
+        "off: batch spans only, and outputs carry the incoming traceparent unchanged.",
+    )
+
+
 class WorkerSettings(BaseSettings):
     """Everything the worker reads from its environment."""
 
@@ -228,6 +293,8 @@ class WorkerSettings(BaseSettings):
     topics: TopicSettings = Field(default_factory=TopicSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
+    otel: OtelSettings = Field(default_factory=OtelSettings)
+    headers: HeaderSettings = Field(default_factory=HeaderSettings)
 
     group_id: str = Field("emotion-stream", description="Consumer group of the workers.")
     batch_size: int = Field(64, ge=1, description="Most posts in one inference batch.")
@@ -248,6 +315,14 @@ class WorkerSettings(BaseSettings):
     )
     max_message_bytes: int = Field(
         1_048_576, ge=1, description="Largest accepted input message; larger is dead-lettered."
+    )
+    max_passthrough_bytes: int = Field(
+        65_536,
+        ge=0,
+        description="Largest copy of a post's free-form fields (metadata and unknown fields, as "
+        "JSON) into its events; above it the largest are replaced by a marker "
+        '{"_dropped": {"size_bytes": ..., "limit_bytes": ...}}, so that an event always fits '
+        "its topic.",
     )
     dead_letter_payload_bytes: int = Field(
         65_536, ge=0, description="How much of a bad message is copied into its dead letter."

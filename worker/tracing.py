@@ -38,7 +38,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import structlog
 
@@ -278,3 +278,31 @@ class Tracing:
         """Export what is queued and stop the exporter (blocks up to its export timeout)."""
         if self.provider is not None:
             self.provider.shutdown()
+
+
+class Traced(Protocol):
+    """A consumed message as tracing sees it (``worker.inbound.Inbound``)."""
+
+    tp: Any
+    offset: int
+    headers: Headers
+    consumed_ns: int
+    trace: PostTrace | None
+
+
+def start_batch_trace(
+    tracing: Tracing, number: int, items: Sequence[Traced], group: str
+) -> BatchTrace | None:
+    """With tracing on: a batch's span from its first message's arrival, its consume stage, and
+    each message's span (``item.trace``, a child of the record's traceparent)."""
+    if not tracing.enabled or not items:
+        return None
+    first = min(i.consumed_ns for i in items)
+    batch = tracing.start_batch(number, len(items), start_ns=first)
+    if batch is None:
+        return None
+    batch.stage("consume", start_ns=first).end()
+    for item in items:
+        attributes = kafka_attributes(item.tp.topic, item.tp.partition, item.offset, group)
+        item.trace = tracing.start_post(item.headers, item.consumed_ns, attributes, batch)
+    return batch

@@ -1,17 +1,25 @@
-"""Topic administration: create the worker's topics, describe offsets and lag."""
+"""Topic administration: create the worker's topics, read their record limits, describe offsets
+and lag."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterable
 from typing import Any
 
+import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError, for_code
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from worker.kafka.clients import connection_kwargs
-from worker.settings import KafkaSettings
+from worker.kafka.topic_limits import TopicLimits
+from worker.settings import KafkaSettings, WorkerSettings
+
+log = structlog.get_logger(__name__)
 
 
 async def ensure_topics(
@@ -96,3 +104,44 @@ async def describe_topics(
         return rows
     finally:
         await consumer.stop()
+
+
+async def read_topic_limits(settings: WorkerSettings, topics: Iterable[str]) -> TopicLimits:
+    """``max.message.bytes`` of each topic that exists and may be described, capped by the
+    producer's own request limit. A topic whose limit cannot be read (missing, not authorised)
+    is left out, with a warning: the broker's answer still protects it."""
+    names = list(dict.fromkeys(topics))
+    cap = settings.kafka.producer_max_request_bytes
+    admin = AIOKafkaAdminClient(**connection_kwargs(settings.kafka))
+    limits = TopicLimits()
+    try:
+        await admin.start()
+        responses = await admin.describe_configs(
+            [
+                ConfigResource(ConfigResourceType.TOPIC, n, {"max.message.bytes": None})
+                for n in names
+            ]
+        )
+    except (KafkaError, OSError) as exc:
+        log.warning(
+            "could not read the output topics' max.message.bytes; relying on the broker's answers",
+            error=f"{type(exc).__name__}: {exc}",
+        )
+        return TopicLimits({n: cap for n in names})
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+    for response in responses:
+        for error_code, error_message, _type, name, entries, *_ in response.resources:
+            value = next((e[1] for e in entries if e[0] == "max.message.bytes"), None)
+            if error_code or value is None:
+                log.warning(
+                    "could not read a topic's max.message.bytes",
+                    topic=name,
+                    error_code=error_code,
+                    error=error_message,
+                )
+                limits.max_bytes[name] = cap
+                continue
+            limits.max_bytes[name] = min(int(value), cap)
+    return limits

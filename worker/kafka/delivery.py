@@ -34,14 +34,22 @@ from aiokafka.errors import (
     UnsupportedSaslMechanismError,
 )
 
+from worker.kafka.headers import Headers
 from worker.kafka.partitioning import partitions_for
+from worker.kafka.topic_limits import TopicLimits
 
 log = structlog.get_logger(__name__)
 
-NOT_RETRIABLE: tuple[type[BaseException], ...] = (
+# a record (batch) larger than the topic accepts: with an idempotent producer the partition's
+# sequence is broken after it (every later batch gets OutOfOrderSequenceNumber), so the worker's
+# defence is never to send one (``topic_limits.py``); a rejection means the limit was lowered
+SIZE_ERRORS: tuple[type[BaseException], ...] = (
     MessageSizeTooLargeError,
     RecordTooLargeError,
     RecordListTooLargeError,
+)
+NOT_RETRIABLE: tuple[type[BaseException], ...] = (
+    *SIZE_ERRORS,
     InvalidTopicError,
     TopicAuthorizationFailedError,
     AuthenticationFailedError,
@@ -62,6 +70,7 @@ class OutputRecord:
     key: bytes | None
     value: bytes
     kind: str  # "enriched", "review" or a dead-letter kind (for metrics)
+    headers: Headers = ()
 
 
 @dataclass
@@ -82,6 +91,15 @@ class DeliveryFailed(Exception):
     ) -> None:
         super().__init__(f"{topic}: {type(cause).__name__}: {cause}")
         self.topic, self.waited_s, self.cause, self.retriable = topic, waited_s, cause, retriable
+
+    def stop_reason(self) -> str:
+        """Why the worker stops: the line it logs before exiting 3."""
+        what = f"within {self.waited_s:.0f}s (kafka.delivery_timeout_s)"
+        return (
+            f"could not publish to {self.topic} {what if self.retriable else '(not retriable)'}: "
+            f"{type(self.cause).__name__}: {self.cause}; stopped consuming without committing "
+            "past the unpublished messages" + size_hint(self)
+        )
 
 
 def is_auth_error(exc: BaseException) -> bool:
@@ -109,10 +127,14 @@ class Publisher:
         producer: AIOKafkaProducer,
         delivery_timeout_s: float,
         on_retry: Callable[[], Any] | None = None,
+        limits: TopicLimits | None = None,
     ) -> None:
+        """``limits``: the largest record batch each topic accepts; no producer batch is made
+        larger (the broker would reject the whole batch)."""
         self.producer = producer
         self.delivery_timeout_s = delivery_timeout_s
         self.on_retry = on_retry
+        self.limits = limits or TopicLimits()
 
     async def send_all(self, records: list[OutputRecord]) -> Sent:
         """Hand every record to the producer, in order; one delivery future per record."""
@@ -181,16 +203,25 @@ class Publisher:
         members: list[int],
         futures: list[asyncio.Future[Any] | None],
     ) -> None:
-        """``records[members]``, in order, in as few producer batches as they fit."""
+        """``records[members]``, in order, in as few producer batches as they fit (the
+        producer's batch size and the topic's record limit)."""
+        limit = self.limits.limit_of(topic)
+        if limit is not None and self.limits.fit_together([records[n] for n in members], limit):
+            limit = None  # no need to measure record by record
         batch = self.producer.create_batch()
         in_batch: list[int] = []
         for n in members:
             record = records[n]
-            if batch.append(key=record.key, value=record.value, timestamp=None) is None:  # full
+            fits = (
+                limit is None
+                or not in_batch
+                or batch.size() + self.limits.record_bytes(record.key, record.value, record.headers)
+                <= limit
+            )
+            if not fits or not _append(batch, record):  # full: send it, start the next
                 await self._send_batch(batch, topic, partition, in_batch, futures)
                 batch, in_batch = self.producer.create_batch(), []
-                # a batch takes its first record whatever its size
-                batch.append(key=record.key, value=record.value, timestamp=None)
+                _append(batch, record)  # a batch takes its first record whatever its size
             in_batch.append(n)
         await self._send_batch(batch, topic, partition, in_batch, futures)
 
@@ -256,6 +287,26 @@ class Publisher:
                     self.on_retry()
             again = [record for record, _ in failed]
             pending = list(zip(again, await self._send_each(again, sent.started), strict=True))
+
+
+def size_hint(exc: BaseException) -> str:
+    """What a broker's size rejection means: the worker checks every record against the output
+    topics' limits read at start-up, so a limit was lowered while it ran."""
+    cause = exc.cause if isinstance(exc, DeliveryFailed) else exc
+    if not isinstance(cause, SIZE_ERRORS):
+        return ""
+    return (
+        " (the broker rejected a record as too large: an output topic's max.message.bytes was "
+        "lowered since start-up; the next start reads it and dead-letters such outputs as "
+        "output_too_large)"
+    )
+
+
+def _append(batch: Any, record: OutputRecord) -> bool:
+    """Add ``record`` to a producer batch; False when the batch is full."""
+    headers = record.headers if type(record.headers) is list else list(record.headers)
+    added = batch.append(key=record.key, value=record.value, timestamp=None, headers=headers)
+    return added is not None
 
 
 def _failed(exc: BaseException) -> asyncio.Future[Any]:

@@ -5,9 +5,9 @@ partitions assigned explicitly and no consumer group: nothing is committed and n
 is disturbed, and the dead letters that replayed messages may produce meanwhile are not read again.
 
 Each selected letter gives back the original message: its payload decoded (UTF-8 text or base64)
-with the original key. A letter is skipped, with a reason, whenever that message cannot be
-restored exactly: the copy was truncated, there is no copy (a tombstone), the copy does not match
-its size or SHA-256, or the letter itself cannot be read. Partial data is never published.
+with the original key and headers. A letter is skipped, with a reason, whenever that message
+cannot be restored exactly: the copy was truncated, there is no copy (a tombstone), the copy does
+not match its size or SHA-256, or the letter itself cannot be read. Partial data is never published.
 
 Replay is at-least-once: nothing records which letters were replayed, so running it twice
 publishes the messages twice.
@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from schemas import DeadLetter
 from worker.kafka.clients import build_producer, connection_kwargs, probe_credentials
 from worker.kafka.delivery import DeliveryFailed, OutputRecord, Publisher, is_auth_error
+from worker.kafka.headers import Headers, decode_headers
 from worker.settings import WorkerSettings
 
 UNKNOWN_KIND = "unknown"  # the kind of a record on the dead-letter topic that is no dead letter
@@ -41,6 +42,7 @@ SKIP_BAD_PAYLOAD = "bad_payload"  # the copy is not valid base64 / UTF-8 text
 SKIP_SIZE_MISMATCH = "size_mismatch"  # decoded size differs from size_bytes
 SKIP_SHA256_MISMATCH = "sha256_mismatch"  # decoded bytes differ from the original's SHA-256
 SKIP_BAD_KEY = "bad_key"  # key_base64 is not valid base64
+SKIP_BAD_HEADERS = "bad_headers"  # a header value is not valid base64
 SKIP_UNREADABLE = "unreadable_letter"  # the record is not a DeadLetter (null, not JSON, ...)
 
 PENDING_MAX = 1000  # sends in flight before waiting for their acknowledgements
@@ -96,10 +98,12 @@ class Restored:
     key: bytes | None = None
     value: bytes | None = None
     skip_reason: str | None = None
+    headers: Headers = ()
 
 
 def restore_message(raw: bytes | None) -> Restored:
-    """The original (key, value) of one dead-letter record, exactly, or a skip reason."""
+    """The original (key, value, headers) of one dead-letter record, exactly, or a skip
+    reason."""
     if raw is None:
         return Restored(UNKNOWN_KIND, skip_reason=SKIP_UNREADABLE)
     try:
@@ -129,7 +133,11 @@ def restore_message(raw: bytes | None) -> Restored:
             key = base64.b64decode(letter.key_base64, validate=True)
         except binascii.Error:
             return Restored(kind, skip_reason=SKIP_BAD_KEY)
-    return Restored(kind, key=key, value=value)
+    try:
+        headers = decode_headers(letter.headers or [])
+    except binascii.Error:
+        return Restored(kind, skip_reason=SKIP_BAD_HEADERS)
+    return Restored(kind, key=key, value=value, headers=headers)
 
 
 async def replay_dead_letters(
@@ -202,7 +210,9 @@ async def replay_dead_letters(
                         report.skip(restored.kind, restored.skip_reason)
                     else:
                         assert restored.value is not None
-                        await sender.send(restored.kind, restored.key, restored.value)
+                        await sender.send(
+                            restored.kind, restored.key, restored.value, restored.headers
+                        )
                         if limit and sender.sent >= limit:
                             report.limit_reached = True
             for tp in list(remaining):
@@ -247,12 +257,12 @@ class _Sender:
         self.sent = 0
         self.pending: list[OutputRecord] = []
 
-    async def send(self, kind: str, key: bytes | None, value: bytes) -> None:
+    async def send(self, kind: str, key: bytes | None, value: bytes, headers: Headers) -> None:
         self.sent += 1
         if self.publisher is None:
             self._acknowledged(kind)
             return
-        self.pending.append(OutputRecord(self.topic, key, value, kind))
+        self.pending.append(OutputRecord(self.topic, key, value, kind, headers))
         if len(self.pending) >= PENDING_MAX:
             await self.flush()
 

@@ -1,0 +1,133 @@
+"""The loaded model, and inference of a batch that never fails for one post: when the batch
+fails (a post the tokeniser or model cannot handle), each post is retried alone and a post that
+still fails becomes a ``processing_error`` dead letter. When every post fails for
+``SYSTEMIC_FAILURES`` posts in a row, the model itself is broken: stop (exit 4) rather than
+dead-letter the whole stream.
+
+Runs in the model thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiokafka import TopicPartition
+
+from worker.decoding import DecodeFailure
+from worker.exit_codes import EXIT_MODEL, FatalError
+from worker.inbound import Inbound
+from worker.inference.loading import Classifier, load_classifier
+from worker.processing import BatchProcessor
+from worker.routing.router import RoutedPost
+from worker.settings import WorkerSettings
+
+log = structlog.get_logger("worker.pipeline")
+
+# posts in a row that fail inference one by one: the model itself is broken, not the posts
+SYSTEMIC_FAILURES = 64
+
+
+class FailureIsolation:
+    def __init__(self, processor: BatchProcessor) -> None:
+        self.processor = processor
+        self.failures_in_a_row = 0  # posts that failed inference alone, in a row
+
+    def route(
+        self, number: int, items: list[Inbound], token_ids: list[list[int]] | None
+    ) -> dict[tuple[TopicPartition, int], RoutedPost]:
+        """The routed events of the items' valid posts, by (partition, offset); a post that
+        fails alone gets ``item.failure`` instead."""
+        valid = [i for i in items if i.post is not None]
+        if not valid:
+            return {}
+        try:
+            routed = self.processor.process(
+                [i.post for i in valid if i.post is not None],
+                [i.source() for i in valid],
+                token_ids=token_ids,
+            )
+            self.failures_in_a_row = 0
+            return {(i.tp, i.offset): r for i, r in zip(valid, routed, strict=True)}
+        except Exception as exc:
+            log.warning(
+                "batch failed; retrying its posts one by one",
+                batch=number,
+                posts=len(valid),
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
+        by_offset: dict[tuple[TopicPartition, int], RoutedPost] = {}
+        for item in valid:
+            routed_alone = self._route_alone(item)
+            if routed_alone is not None:
+                by_offset[(item.tp, item.offset)] = routed_alone
+        return by_offset
+
+    def _route_alone(self, item: Inbound) -> RoutedPost | None:
+        assert item.post is not None
+        try:
+            routed = self.processor.process([item.post], [item.source()])[0]
+        except Exception as exc:
+            self.failures_in_a_row += 1
+            error = f"{type(exc).__name__}: {exc}"
+            if self.failures_in_a_row >= SYSTEMIC_FAILURES:
+                raise FatalError(
+                    f"inference failed for {self.failures_in_a_row} posts in a row, each "
+                    f"alone: the model cannot run ({error[:300]}); nothing past them is "
+                    "committed",
+                    EXIT_MODEL,
+                ) from exc
+            item.post = None
+            item.failure = DecodeFailure(
+                "processing_error", f"inference failed for this post: {error}"[:500]
+            )
+            log.warning(
+                "post dead-lettered: inference failed",
+                partition=item.tp.partition,
+                offset=item.offset,
+                error=error[:300],
+            )
+            return None
+        self.failures_in_a_row = 0
+        return routed
+
+
+@dataclass
+class Model:
+    """What the stages run, loaded: the processor (tokenise, MC Dropout, route) and its
+    failure isolation."""
+
+    processor: BatchProcessor
+    isolation: FailureIsolation
+
+    @classmethod
+    async def load(
+        cls,
+        classifier: Classifier | None,
+        settings: WorkerSettings,
+        processor_factory: Any,
+        model_thread: Executor,
+    ) -> Model:
+        """Load the classifier (unless given) and build the processor, both on the model
+        thread: the engine copies weights (parallel torch work), and a second thread running
+        torch slows every pass down (``inference/model_thread.py``)."""
+        loop = asyncio.get_running_loop()
+        if classifier is None:
+            log.info("loading model", model=settings.model.path)
+            classifier = await loop.run_in_executor(model_thread, load_classifier, settings.model)
+        processor: BatchProcessor = await loop.run_in_executor(
+            model_thread, processor_factory, classifier, settings
+        )
+        log.info(
+            "model ready",
+            model=classifier.name,
+            revision=classifier.revision,
+            labels=len(classifier.label_names),
+            adapter=classifier.adapter.describe(),
+            mc_mode=processor.engine.mode,
+            n_samples=processor.engine.n_samples,
+        )
+        return cls(processor, FailureIsolation(processor))
