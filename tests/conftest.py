@@ -1,7 +1,7 @@
 """Shared fixtures: the Kafka cluster, a small real model, settings and topics per test.
 
 The helpers tests import (``Topics``, ``make_topics``, ``running``, ``WorkerProcess``, ...) are in
-``harness.py``."""
+``support/harness.py``."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import Topics
-from kafka_cluster import KafkaCluster, kafka_cluster
-from model_fixtures import build_test_model
+from support.harness import Topics
+from support.kafka_cluster import KafkaCluster, kafka_cluster
+from support.model_fixtures import build_test_model
 
 from worker.inference.loading import Classifier, load_classifier
 from worker.settings import ModelSettings, WorkerSettings

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from texts import EXAMPLE_TEXTS
+from support.texts import EXAMPLE_TEXTS
 
 from worker.inference import precision as precision_module
 from worker.inference.engine import EngineConfig, McDropoutEngine

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from harness import Topics, make_topics, running
-from kafka_cluster import KafkaCluster
-from streams import SAMPLE_TEXTS, post_bytes, produce, read_all, values
-from texts import EXAMPLE_TEXTS
+from support.harness import Topics, make_topics, running
+from support.kafka_cluster import KafkaCluster
+from support.streams import SAMPLE_TEXTS, post_bytes, produce, read_all, values
+from support.texts import EXAMPLE_TEXTS
 
 from schemas import EnrichedPost, ReviewRequest, SocialPost
 from worker.inference.loading import Classifier

@@ -26,10 +26,10 @@ from typing import Any
 import psutil
 import pytest
 from aiokafka import AIOKafkaProducer, TopicPartition
-from harness import Topics, WorkerProcess, make_topics, running, wait_until
-from kafka_cluster import KafkaCluster
-from streams import committed_and_end, post_bytes, produce
-from test_faults import OutputWatcher, log_events, own_broker, report
+from support.faults import OutputWatcher, log_events, own_broker, report
+from support.harness import Topics, WorkerProcess, make_topics, running, wait_until
+from support.kafka_cluster import KafkaCluster
+from support.streams import committed_and_end, post_bytes, produce
 
 from worker.inference.uncertainty import McSummary
 from worker.pipeline import Pipeline

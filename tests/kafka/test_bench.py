@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from texts import EXAMPLE_TEXTS
+from support.texts import EXAMPLE_TEXTS
 
 from worker.bench.run import BenchOptions, run_bench
 from worker.inference.precision import native_bf16

@@ -30,7 +30,7 @@ from worker.datasets import (
 )
 from worker.training.goemotions import GOEMOTIONS_LABELS, read_tsv
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "tests" / "data" / "goemotions"
 TRAIN = b"i love it\t18\tid1\nso annoying\t3\tid2\n" * 300  # several chunks of the copy loop
 LABELS = "\n".join(GOEMOTIONS_LABELS).encode()

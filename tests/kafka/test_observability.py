@@ -8,10 +8,10 @@ import urllib.error
 import urllib.request
 
 import pytest
-from harness import Topics, make_topics, running, wait_until
-from kafka_cluster import KafkaCluster
 from prometheus_client.parser import text_string_to_metric_families
-from streams import post_bytes, produce, read_all, values
+from support.harness import Topics, make_topics, running, wait_until
+from support.kafka_cluster import KafkaCluster
+from support.streams import post_bytes, produce, read_all, values
 
 from worker.pipeline import Pipeline
 

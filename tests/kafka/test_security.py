@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
-from harness import Topics, WorkerProcess
-from streams import post_bytes
-from test_faults import OutputWatcher, free_port, http_get, log_events, own_broker, report
+from support.faults import OutputWatcher, free_port, http_get, log_events, own_broker, report
+from support.harness import Topics, WorkerProcess
+from support.streams import post_bytes
 
 from worker.exit_codes import EXIT_KAFKA
 from worker.kafka.admin import ensure_topics
@@ -49,7 +49,7 @@ def sasl_broker() -> Iterator[LocalKafka]:
 def worker_gets_the_password(monkeypatch: pytest.MonkeyPatch) -> None:
     """harness.settings_env writes SecretStr fields as "**********" (model_dump masks them):
     hand worker processes the real password."""
-    import harness
+    from support import harness
 
     masked = harness.settings_env
 

@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
-from kafka_cluster import create_topics, kafka_cluster, unique_topic
+from support.kafka_cluster import create_topics, kafka_cluster, unique_topic
 
 from worker.kafka.local_broker import (
     LocalKafka,

@@ -18,12 +18,12 @@ import numpy as np
 import orjson
 import pytest
 import torch
-from families import builders
-from families.builders import SEMEVAL_LABELS
-from harness import Topics, make_topics, running
-from kafka_cluster import KafkaCluster
-from streams import post_bytes, produce, read_all, values
-from texts import EXAMPLE_TEXTS
+from support.families import builders
+from support.families.builders import SEMEVAL_LABELS
+from support.harness import Topics, make_topics, running
+from support.kafka_cluster import KafkaCluster
+from support.streams import post_bytes, produce, read_all, values
+from support.texts import EXAMPLE_TEXTS
 from torch import nn
 
 from schemas import EnrichedPost

@@ -9,9 +9,9 @@ import base64
 from typing import Any
 
 import pytest
-from harness import Topics, make_topics, running
-from kafka_cluster import KafkaCluster, create_topics
-from streams import headers_of, post_bytes, produce_with_headers, read_all, values
+from support.harness import Topics, make_topics, running
+from support.kafka_cluster import KafkaCluster, create_topics
+from support.streams import headers_of, post_bytes, produce_with_headers, read_all, values
 
 from schemas import SCHEMA_VERSION
 from worker.inference.loading import Classifier

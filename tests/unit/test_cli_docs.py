@@ -8,7 +8,7 @@ from pathlib import Path
 
 from worker.docs import CONFIG_DOC, START, with_reference
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COMMANDS = [
     "run",
     "classify",

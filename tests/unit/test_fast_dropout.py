@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from texts import EXAMPLE_TEXTS
+from support.texts import EXAMPLE_TEXTS
 from torch import nn
 
 from worker.inference.engine import EngineConfig, McDropoutEngine

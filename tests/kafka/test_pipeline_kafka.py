@@ -8,10 +8,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-from harness import Topics, WorkerProcess, make_topics, running
-from kafka_cluster import KafkaCluster
-from streams import committed_and_end, post_bytes, produce, read_all, values
-from test_faults import report
+from support.faults import report
+from support.harness import Topics, WorkerProcess, make_topics, running
+from support.kafka_cluster import KafkaCluster
+from support.streams import committed_and_end, post_bytes, produce, read_all, values
 
 from schemas import DeadLetter, EnrichedPost, ReviewRequest
 from worker.pipeline import Pipeline

@@ -25,7 +25,7 @@ from worker.inference.loading import Classifier
 from worker.processing import BatchProcessor
 from worker.settings import WorkerSettings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CLI_TIMEOUT_S = 240
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import UnknownTopicOrPartitionError
-from kafka_cluster import KafkaCluster, create_topics, unique_topic
+from support.kafka_cluster import KafkaCluster, create_topics, unique_topic
 
 from worker.kafka.admin import ensure_topics
 from worker.kafka.delivery import SIZE_ERRORS, DeliveryFailed, OutputRecord, Publisher

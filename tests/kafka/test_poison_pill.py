@@ -9,9 +9,9 @@ from typing import Any
 
 import orjson
 import pytest
-from harness import Topics, running, wait_until
-from kafka_cluster import KafkaCluster, create_topics
-from streams import committed_and_end, post_bytes, produce, read_all, values
+from support.harness import Topics, running, wait_until
+from support.kafka_cluster import KafkaCluster, create_topics
+from support.streams import committed_and_end, post_bytes, produce, read_all, values
 
 from worker.exit_codes import EXIT_CONFIG, EXIT_DELIVERY
 from worker.inference.loading import Classifier

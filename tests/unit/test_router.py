@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from texts import EXAMPLE_TEXTS
+from support.texts import EXAMPLE_TEXTS
 
 from schemas import EnrichedPost, ReviewRequest, SocialPost
 from worker.inference.loading import Classifier

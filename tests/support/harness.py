@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kafka_cluster import KafkaCluster, create_topics
-
+from support.kafka_cluster import KafkaCluster, create_topics
 from worker.pipeline import Pipeline
 from worker.settings import WorkerSettings
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass

@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 import pytest
-from harness import Topics, make_topics
-from kafka_cluster import KafkaCluster
-from streams import post_bytes, produce, read_all
+from support.harness import Topics, make_topics
+from support.kafka_cluster import KafkaCluster
+from support.streams import post_bytes, produce, read_all
 from typer.testing import CliRunner
 
 from worker.cli import app

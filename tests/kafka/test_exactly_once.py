@@ -7,10 +7,10 @@ import collections
 from pathlib import Path
 
 import pytest
-from harness import Topics, WorkerProcess, make_topics, running
-from kafka_cluster import KafkaCluster
-from streams import committed_and_end, post_bytes, produce, read_all, values
-from test_faults import report
+from support.faults import report
+from support.harness import Topics, WorkerProcess, make_topics, running
+from support.kafka_cluster import KafkaCluster
+from support.streams import committed_and_end, post_bytes, produce, read_all, values
 
 from worker.pipeline import Pipeline
 

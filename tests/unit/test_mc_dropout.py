@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from texts import EXAMPLE_TEXTS
+from support.texts import EXAMPLE_TEXTS
 from torch import nn
 
 from worker.inference.dropout import (

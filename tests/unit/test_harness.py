@@ -7,7 +7,7 @@ import asyncio
 from typing import Any, cast
 
 import pytest
-from harness import running
+from support.harness import running
 
 from worker.pipeline import Pipeline
 
