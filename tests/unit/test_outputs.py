@@ -14,7 +14,13 @@ from aiokafka import TopicPartition
 from schemas import SCHEMA_VERSION, DeadLetter, SocialPost
 from worker.decoding import DecodeFailure, DecodeLimits, decode_post
 from worker.inbound import Inbound
-from worker.kafka.headers import OWN_HEADERS, HeaderPolicy, decode_headers, encode_headers
+from worker.kafka.headers import (
+    MAX_REMEMBERED,
+    OWN_HEADERS,
+    HeaderPolicy,
+    decode_headers,
+    encode_headers,
+)
 from worker.kafka.topic_limits import (
     LimitsTooSmall,
     TopicLimits,
@@ -116,6 +122,13 @@ def test_by_default_every_header_propagates_except_a_replaced_trace() -> None:
     traced = HeaderPolicy(HeaderSettings(), 1_000, replace_trace=True)
     added = [("traceparent", b"00-c-d-01")]
     assert traced.outgoing(incoming, added) == [("tenant", b"acme"), *added, *OWN_HEADERS]
+
+
+def test_the_remembered_decisions_stay_bounded() -> None:
+    policy = HeaderPolicy(HeaderSettings(drop=["x-*"]), 1_000)
+    for i in range(3 * MAX_REMEMBERED):
+        assert policy.keeps(f"name-{i}") and not policy.keeps(f"x-{i}")
+    assert len(policy._kept) <= MAX_REMEMBERED
 
 
 def test_headers_larger_than_the_limit_are_left_out_whole() -> None:

@@ -206,18 +206,19 @@ class Publisher:
         """``records[members]``, in order, in as few producer batches as they fit (the
         producer's batch size and the topic's record limit)."""
         limit = self.limits.limit_of(topic)
-        if limit is not None and self.limits.fit_together([records[n] for n in members], limit):
-            limit = None  # no need to measure record by record
+        sizes: list[int] = []
+        if limit is not None:  # measured once per record; most calls fit one batch anyway
+            sizes = [
+                self.limits.record_bytes(r.key, r.value, r.headers)
+                for r in map(records.__getitem__, members)
+            ]
+            if sum(sizes) <= limit:
+                limit = None
         batch = self.producer.create_batch()
         in_batch: list[int] = []
-        for n in members:
+        for position, n in enumerate(members):
             record = records[n]
-            fits = (
-                limit is None
-                or not in_batch
-                or batch.size() + self.limits.record_bytes(record.key, record.value, record.headers)
-                <= limit
-            )
+            fits = limit is None or not in_batch or batch.size() + sizes[position] <= limit
             if not fits or not _append(batch, record):  # full: send it, start the next
                 await self._send_batch(batch, topic, partition, in_batch, futures)
                 batch, in_batch = self.producer.create_batch(), []

@@ -25,6 +25,7 @@ Headers = Sequence[Header]
 CONTENT_TYPE = "content-type"
 SCHEMA_VERSION_HEADER = "schema-version"
 TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
+MAX_REMEMBERED = 4096  # header names whose decision is remembered
 # a list: aiokafka's record builder takes headers as a list only (never mutated)
 OWN_HEADERS: list[Header] = [
     (CONTENT_TYPE, b"application/json"),
@@ -58,6 +59,8 @@ class HeaderPolicy:
     def keeps(self, name: str) -> bool:
         kept = self._kept.get(name)
         if kept is None:
+            if len(self._kept) >= MAX_REMEMBERED:  # a producer inventing names: start over
+                self._kept.clear()
             lower = name.lower()
             kept = (
                 lower not in self._replaced
@@ -81,7 +84,12 @@ class HeaderPolicy:
 
 def headers_size(headers: Headers) -> int:
     """Bytes of ``headers`` in a record: names, values and two length varints each."""
+    if headers is OWN_HEADERS:  # the usual case (no input headers): measured once
+        return _OWN_SIZE
     return sum(len(name) + (len(value) if value else 0) + 2 for name, value in headers)
+
+
+_OWN_SIZE = sum(len(name) + len(value or b"") + 2 for name, value in OWN_HEADERS)
 
 
 def encode_headers(headers: Headers) -> list[RecordHeader]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from schemas.events import MAX_ID_CHARS
 from worker.kafka.headers import headers_size
@@ -53,11 +52,6 @@ class TopicLimits:
     ) -> int:
         key_bytes = len(key) if key else 0
         return RECORD_OVERHEAD_BYTES + len(value) + key_bytes + headers_size(headers)
-
-    def fit_together(self, records: Sequence[Any], limit: int) -> bool:
-        """Whether output records (with ``key``, ``value``, ``headers``) fit in one batch of
-        ``limit`` bytes."""
-        return sum(self.record_bytes(r.key, r.value, r.headers) for r in records) <= limit
 
     def limit_of(self, topic: str) -> int | None:
         return self.max_bytes.get(topic)
