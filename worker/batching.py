@@ -36,7 +36,6 @@ class MicroBatcher(Generic[T]):
         self._clock = clock
         self._items: deque[tuple[T, float]] = deque()  # (item, arrival time)
         self._size = 0
-        self._flush = False
         self._closed = False
         self._changed = asyncio.Event()
 
@@ -59,18 +58,13 @@ class MicroBatcher(Generic[T]):
         self._closed = True
         self._changed.set()
 
-    def flush_now(self) -> None:
-        """Release the current batch at once (e.g. before a rebalance or shutdown)."""
-        self._flush = bool(self._items)
-        self._changed.set()
-
     def _oldest_wait(self) -> float:
         return self._clock() - self._items[0][1]
 
     def _ready(self) -> bool:
         if not self._items:
             return False
-        if self._closed or self._flush or self._size >= self.max_size:
+        if self._closed or self._size >= self.max_size:
             return True
         return self._oldest_wait() >= self.max_wait_s
 
@@ -82,7 +76,6 @@ class MicroBatcher(Generic[T]):
             size += self._weight(item)
             batch.append(item)
         self._size -= size
-        self._flush = False
         return batch
 
     async def next_batch(self) -> list[T] | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -62,10 +61,6 @@ def with_reference(text: str) -> str:
     if START not in text or END not in text:
         raise ValueError(f"the page has no {START} ... {END} block")
     return re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-
-
-def settings_schema() -> str:
-    return json.dumps(WorkerSettings.model_json_schema(), indent=2)
 
 
 def main() -> None:

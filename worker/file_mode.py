@@ -7,7 +7,7 @@ the run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -89,7 +89,3 @@ def classify_stream(
             flush()
     flush()
     return stats
-
-
-def count_lines(chunks: Iterable[bytes]) -> int:
-    return sum(chunk.count(b"\n") for chunk in chunks)

@@ -85,6 +85,3 @@ class OffsetTracker(Generic[P]):
         """Stop tracking revoked partitions; their unfinished messages will be consumed again."""
         for p in partitions:
             self._partitions.pop(p, None)
-
-    def partitions(self) -> set[P]:
-        return set(self._partitions)

@@ -1,4 +1,4 @@
-"""MicroBatcher: size and time triggers, weight-0 items, order, close() and flush_now()."""
+"""MicroBatcher: size and time triggers, weight-0 items, order and close()."""
 
 from __future__ import annotations
 
@@ -254,7 +254,7 @@ async def test_producer_and_consumer_interleaved_keep_order() -> None:
     assert received == list(range(50))
 
 
-# -- close() and flush_now() -----------------------------------------------------------------------
+# -- close() ---------------------------------------------------------------------------------------
 
 
 async def test_close_drains_then_returns_none() -> None:
@@ -295,44 +295,6 @@ async def test_add_after_close_raises() -> None:
     with pytest.raises(RuntimeError, match="closed"):
         batcher.add("a")
     assert len(batcher) == 0
-
-
-async def test_flush_now_releases_a_partial_batch_at_once() -> None:
-    clock = FakeClock()
-    batcher: MicroBatcher[str] = MicroBatcher(10, LONG_WAIT_S, clock=clock)
-    task = asyncio.create_task(batcher.next_batch())
-    batcher.add("a")
-    batcher.add("b")
-    await asyncio.sleep(0.01)
-    assert not task.done()
-    batcher.flush_now()
-    assert await asyncio.wait_for(task, 2.0) == ["a", "b"]
-    # after the flush the batcher works as before: the next item waits for its own max_wait
-    batcher.add("c")
-    await assert_no_batch(batcher)
-    clock.advance(LONG_WAIT_S)
-    assert await next_within(batcher) == ["c"]
-
-
-async def test_flush_now_releases_at_most_max_size_items() -> None:
-    batcher: MicroBatcher[str] = MicroBatcher(3, LONG_WAIT_S, clock=FakeClock())
-    for item in "abcde":
-        batcher.add(item)
-    batcher.flush_now()
-    assert await next_within(batcher) == ["a", "b", "c"]
-    await assert_no_batch(batcher)  # "d", "e" form a new batch with its own wait
-    assert len(batcher) == 2
-
-
-async def test_flush_now_on_an_empty_batcher_is_a_no_op() -> None:
-    clock = FakeClock()
-    batcher: MicroBatcher[str] = MicroBatcher(10, 5.0, clock=clock)
-    batcher.flush_now()
-    await assert_no_batch(batcher)
-    batcher.add("a")  # a flush before the item arrived does not release it
-    await assert_no_batch(batcher)
-    clock.advance(5.0)
-    assert await next_within(batcher) == ["a"]
 
 
 async def test_len_counts_items_including_dead_letters() -> None:

@@ -123,18 +123,22 @@ def test_mark_committed_of_an_older_position_reports_the_newer_one_again() -> No
 
 def test_mark_committed_of_an_unknown_partition_is_ignored() -> None:
     tracker: OffsetTracker[tuple[str, int]] = OffsetTracker()
-    tracker.mark_committed({P2: 10})
-    assert tracker.partitions() == set()
+    tracker.mark_committed({P2: 11})
     assert tracker.committable() == {}
+    assert tracker.pending() == 0
+    # no state was kept for P2: once it is tracked, its position 11 is new, not "committed"
+    tracker.done(P2, 10, tracker.track(P2, 10))
+    assert tracker.committable() == {P2: 11}
 
 
 def test_forget_stops_tracking_and_drops_pending() -> None:
     tracker: OffsetTracker[tuple[str, int]] = OffsetTracker()
     e0 = track_all(tracker, P0, range(0, 3))
-    track_all(tracker, P1, range(0, 2))
+    e1 = track_all(tracker, P1, range(0, 2))
     tracker.done(P0, 0, e0)
     tracker.forget({P0})
-    assert tracker.partitions() == {P1}
+    assert tracker.pending({P0}) == 0 and tracker.pending({P1}) == 2
+    assert tracker.is_current(P1, e1)
     assert tracker.pending() == 2
     assert tracker.committable() == {}, "a revoked partition is not committed by this worker"
     assert not tracker.is_current(P0, e0)
@@ -168,7 +172,7 @@ def test_done_after_forget_without_reassignment_is_ignored() -> None:
     epoch = tracker.track(P0, 5)
     tracker.forget({P0})
     tracker.done(P0, 5, epoch)
-    assert tracker.partitions() == set()
+    assert not tracker.is_current(P0, epoch)
     assert tracker.committable() == {}
     assert tracker.pending() == 0
 

@@ -21,7 +21,7 @@ from worker.routing.policy import (
     load_policy,
     review_scores,
 )
-from worker.routing.router import Router, predicted_label_indices
+from worker.routing.router import Router, predicted_label_lists
 from worker.settings import ReviewSettings
 
 LABELS = ["joy", "grief", "fear", "anger", "neutral"]
@@ -70,10 +70,8 @@ def summary(
 
 def decide_all(policy: ReviewPolicy, stats: McSummary) -> list[Any]:
     scores = policy.scores(stats)
-    return [
-        policy.decide(stats, i, predicted_label_indices(stats.mean[i], THRESHOLDS), scores[i])
-        for i in range(len(stats))
-    ]
+    predicted = predicted_label_lists(stats.mean, THRESHOLDS)
+    return [policy.decide(stats, i, predicted[i], scores[i]) for i in range(len(stats))]
 
 
 def rules_of(decision: Any) -> list[str]:
@@ -277,7 +275,7 @@ def test_without_budget_a_post_is_routed_iff_a_rule_fired() -> None:
     assert not policy.budget.enabled
     outcomes = set()
     for i, decision in enumerate(decide_all(policy, stats)):
-        predicted = predicted_label_indices(mean[i], THRESHOLDS)
+        predicted = predicted_label_lists(mean[i : i + 1], THRESHOLDS)[0]
         distance = np.abs(mean[i] - THRESHOLDS)
         expected = {
             "ambiguous_label": bool((distance < std[i]).any()),
@@ -400,7 +398,7 @@ def test_policy_file_at_top_level_and_errors(tmp_path: Path) -> None:
 
 def brute_force_risk(mean: np.ndarray, thresholds: np.ndarray) -> float:
     """1 - E[F1(P, Y)] by enumerating every label set Y."""
-    predicted = set(predicted_label_indices(mean, thresholds))
+    predicted = set(predicted_label_lists(mean[None, :], thresholds)[0])
     expected_f1 = 0.0
     for bits in itertools.product([0, 1], repeat=len(mean)):
         probability = math.prod(p if b else 1 - p for p, b in zip(mean, bits, strict=True))
@@ -444,8 +442,8 @@ def test_expected_risk_matches_brute_force_and_sampling_on_more_labels() -> None
     mean = rng.beta(0.3, 3.0, (6, 28))
     draws = rng.random((40_000, 6, 28)) < mean
     predicted = np.zeros((6, 28), dtype=bool)
-    for i in range(6):
-        predicted[i, predicted_label_indices(mean[i], thresholds)] = True
+    for i, labels in enumerate(predicted_label_lists(mean, thresholds)):
+        predicted[i, labels] = True
     tp = (draws & predicted).sum(axis=2)
     f1 = 2 * tp / (predicted.sum(axis=1) + draws.sum(axis=2))
     np.testing.assert_allclose(expected_risk(mean, thresholds), 1 - f1.mean(axis=0), atol=0.01)

@@ -9,14 +9,22 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from pydantic import BaseModel
 from support.texts import EXAMPLE_TEXTS
 
-from schemas import EnrichedPost, ReviewRequest, SocialPost
+from schemas import (
+    EmotionScore,
+    EnrichedPost,
+    ModelInfo,
+    ReviewRequest,
+    SocialPost,
+    UncertaintySummary,
+)
 from worker.inference.loading import Classifier
 from worker.inference.uncertainty import McSummary, summarise_samples
 from worker.processing import BatchProcessor
 from worker.routing.policy import ReviewPolicy, expected_risk
-from worker.routing.router import EmotionsEncoder, Router, predicted_label_indices
+from worker.routing.router import EmotionsEncoder, Router, predicted_label_lists
 from worker.settings import ReviewSettings, WorkerSettings
 
 TEXTS = [
@@ -145,6 +153,33 @@ def test_review_requests_are_schema_valid_and_match_needs_review(routed_run: Any
         assert r.review_event()["predicted_labels"] == r.enriched_event()["predicted_labels"]
         assert request.review_score == r.enriched_event()["uncertainty"]["review_score"]
     assert reviewed > 0
+
+
+def test_event_shapes_written_by_hand_match_the_schemas(routed_run: Any) -> None:
+    """The router writes events as dicts and EmotionsEncoder the emotions as JSON text, both by
+    hand: their keys must be exactly the models' fields (a field added to or renamed in
+    schemas/events.py, or only in the router, fails here; validation alone ignores a key the
+    model lacks and fills an optional field the router forgot)."""
+
+    def keys(model: type[BaseModel]) -> set[str]:
+        return set(model.model_fields)
+
+    _, _, _, routed = routed_run
+    reviews = [r.review for r in routed if r.review is not None]
+    assert reviews, "the batch must route some posts"
+    events: list[tuple[dict[str, Any], type[BaseModel]]] = [
+        *((r.enriched, EnrichedPost) for r in routed),
+        *((review, ReviewRequest) for review in reviews),
+    ]
+    for event, model in events:
+        assert set(event) == keys(model), model.__name__
+        assert set(event["uncertainty"]) == keys(UncertaintySummary), model.__name__
+        assert set(event["model"]) == keys(ModelInfo), model.__name__
+        assert isinstance(event["emotions"], orjson.Fragment), "written by EmotionsEncoder"
+        emotions = orjson.loads(orjson.dumps(event["emotions"]))
+        assert emotions, "one entry per label"
+        for entry in emotions:
+            assert set(entry) == keys(EmotionScore), model.__name__
 
 
 def test_emotions_have_one_entry_per_label_in_label_order(
@@ -282,12 +317,17 @@ def hand_summary() -> McSummary:
     return summarise_samples(samples, THRESHOLDS)
 
 
-def test_predicted_label_indices() -> None:
-    assert predicted_label_indices(np.array([0.9, 0.7, 0.1]), THRESHOLDS) == [0, 1]
-    assert predicted_label_indices(np.array([0.7, 0.9, 0.1]), THRESHOLDS) == [1, 0]
-    assert predicted_label_indices(np.array([0.1, 0.3, 0.2]), THRESHOLDS) == [1]  # fallback
-    assert predicted_label_indices(np.array([0.5, 0.4, 0.6]), THRESHOLDS) == [2, 0, 1]  # ties: >=
-    assert predicted_label_indices(np.array([0.49, 0.1, 0.95]), THRESHOLDS) == [2]
+def test_predicted_label_lists() -> None:
+    mean = np.array(
+        [
+            [0.9, 0.7, 0.1],
+            [0.7, 0.9, 0.1],
+            [0.1, 0.3, 0.2],  # nothing above: the most probable label alone
+            [0.5, 0.4, 0.6],  # ties with the threshold count: >=
+            [0.49, 0.1, 0.95],
+        ]
+    )
+    assert predicted_label_lists(mean, THRESHOLDS) == [[0, 1], [1, 0], [1], [2, 0, 1], [2]]
 
 
 def test_hand_built_routing() -> None:
@@ -325,8 +365,6 @@ def test_hand_built_low_confidence_neutral_rule() -> None:
 
 
 def test_batch_predicted_sets_match_the_per_post_rule() -> None:
-    from worker.routing.router import predicted_label_lists
-
     rng = np.random.default_rng(4)
     mean = rng.random((300, 3))
     mean[:50] = np.round(mean[:50], 1)  # ties
@@ -346,7 +384,7 @@ def test_decide_all_matches_deciding_post_by_post() -> None:
     rng = np.random.default_rng(5)
     samples = rng.beta(2, 3, size=(6, 200, 3))  # (S, B, L): wide spread, many ambiguous labels
     summary = summarise_samples(samples, THRESHOLDS)
-    predicted = [predicted_label_indices(row, THRESHOLDS) for row in summary.mean]
+    predicted = predicted_label_lists(summary.mean, THRESHOLDS)
     scores = expected_risk(summary.mean, THRESHOLDS)
     batch = hand_router(target_rate=0.2).policy.decide_all(summary, predicted, scores)
     one_by_one_policy = hand_router(target_rate=0.2).policy

@@ -130,11 +130,6 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def predicted_label_indices(mean: np.ndarray, thresholds: np.ndarray) -> list[int]:
-    """One post's predicted labels (see ``predicted_label_lists``)."""
-    return predicted_label_lists(np.asarray(mean)[None, :], thresholds)[0]
-
-
 def predicted_label_lists(mean: np.ndarray, thresholds: np.ndarray) -> list[list[int]]:
     """Per row of ``mean`` (B, L), the predicted labels (``policy.predicted_mask``: at or above
     their threshold, else the most probable one), most probable first; never empty."""

@@ -103,10 +103,6 @@ def export_bundle(
     return stored
 
 
-def metrics_json(metrics: dict[str, Any]) -> str:
-    return json.dumps(metrics, indent=2, sort_keys=True, default=float)
-
-
 def _tidy_peft_files(folder: Path, base: dict[str, str]) -> None:
     """peft writes a template README and this machine's base path; the bundle has its own card
     and names its base in emoworker-bundle.json."""
