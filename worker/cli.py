@@ -56,6 +56,17 @@ def one_line_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def require_extra(extra: str, command: str) -> None:
+    """Stop with one line naming what to install when the tooling's ``extra`` is missing."""
+    from rich.markup import escape
+
+    from worker.extras import missing_extra
+
+    message = missing_extra(extra, command)
+    if message is not None:
+        raise CliError(escape(message))
+
+
 def load_settings(**overrides: Any) -> Any:
     from worker.settings import WorkerSettings
 
@@ -424,6 +435,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Fine-tune an encoder on GoEmotions-format data and write a model bundle."""
+    require_extra("train", "emoworker train")
     from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
     from worker.datasets import default_data_dir, missing_data_message
@@ -507,6 +519,7 @@ def evaluate(
     trust_remote_code: RemoteCodeOpt = None,
 ) -> None:
     """Score a model on labelled data with MC Dropout: metrics, routing curves, plots."""
+    require_extra("train", "emoworker evaluate")
     import json
 
     from rich.progress import Progress
@@ -606,6 +619,7 @@ def bench(
     output: Annotated[Path | None, typer.Option(help="Results folder.")] = None,
 ) -> None:
     """Benchmark MC Dropout arrangements, the pipeline, latency and memory; write JSON."""
+    require_extra("bench", "emoworker bench")
     from worker.bench.run import DEFAULT_DEV, RESULTS, BenchOptions, run_bench
     from worker.logs import configure_logging
 

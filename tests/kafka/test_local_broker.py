@@ -1,4 +1,4 @@
-"""The local single-node Kafka broker (worker.kafka.local_broker), end to end with aiokafka."""
+"""The local single-node Kafka broker (worker.devtools.local_broker), end to end with aiokafka."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from aiokafka.conn import create_conn
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 from support.kafka_cluster import create_topics, kafka_cluster, unique_topic
 
-from worker.kafka.local_broker import (
+from worker.devtools.local_broker import (
     LocalKafka,
     SaslConfig,
     default_cache_dir,
@@ -226,7 +226,7 @@ def test_kafka_cluster_prefers_env_then_local(monkeypatch: pytest.MonkeyPatch) -
         )
 
     monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS")
-    monkeypatch.setattr("kafka_cluster.docker_available", lambda timeout=5.0: False)
+    monkeypatch.setattr("support.kafka_cluster.docker_available", lambda timeout=5.0: False)
     with kafka_cluster() as cluster:
         assert cluster.kind == "local"
         assert cluster.broker is not None and cluster.broker.is_running
@@ -241,7 +241,7 @@ def test_jvm_of_a_crashed_session_is_killed_on_next_start(tmp_path: Path) -> Non
     workdir = tmp_path / "kafka"
     script = (
         "import os, sys; from pathlib import Path\n"
-        "from worker.kafka.local_broker import LocalKafka\n"
+        "from worker.devtools.local_broker import LocalKafka\n"
         "k = LocalKafka(Path(sys.argv[1])).start()\n"
         "print(k.pid, flush=True)\n"
         "os.kill(os.getpid(), 9)  # no atexit, no stop(): the JVM is orphaned\n"

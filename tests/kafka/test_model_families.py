@@ -27,6 +27,7 @@ from support.texts import EXAMPLE_TEXTS
 from torch import nn
 
 from schemas import EnrichedPost
+from schemas.labels import GOEMOTIONS_LABELS
 from worker.bundle import read_thresholds
 from worker.decoding import DecodeLimits
 from worker.file_mode import classify_stream
@@ -49,7 +50,6 @@ from worker.inference.onnx_models import EncoderWithOnnxHead, OnnxSequenceClassi
 from worker.pipeline import Pipeline
 from worker.processing import BatchProcessor
 from worker.settings import ModelSettings, WorkerSettings
-from worker.training.goemotions import GOEMOTIONS_LABELS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

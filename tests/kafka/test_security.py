@@ -27,11 +27,11 @@ from support.faults import OutputWatcher, free_port, http_get, log_events, own_b
 from support.harness import Topics, WorkerProcess
 from support.streams import post_bytes
 
+from worker.devtools.local_broker import LocalKafka, SaslConfig
 from worker.exit_codes import EXIT_KAFKA
 from worker.kafka.admin import ensure_topics
 from worker.kafka.clients import connection_kwargs, probe_credentials
 from worker.kafka.delivery import is_auth_error
-from worker.kafka.local_broker import LocalKafka, SaslConfig
 from worker.settings import KafkaSettings, WorkerSettings
 
 PASSWORD = "s3cret-pw-123"

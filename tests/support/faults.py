@@ -22,8 +22,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from support.harness import Topics
+from worker.devtools.local_broker import LocalKafka, default_cache_dir
 from worker.kafka.admin import ensure_topics
-from worker.kafka.local_broker import LocalKafka, default_cache_dir
 
 MB = 1024 * 1024
 

@@ -6,7 +6,7 @@ Order (first match wins):
    restart or kill it, so chaos tests should skip);
 2. a Docker engine answers ``docker info`` within ~5 s: a testcontainers ``KafkaContainer`` in
    KRaft mode ("testcontainers"; image from ``KAFKA_TEST_IMAGE``, default below);
-3. otherwise: :class:`worker.kafka.local_broker.LocalKafka`, a JVM started from jars fetched
+3. otherwise: :class:`worker.devtools.local_broker.LocalKafka`, a JVM started from jars fetched
    with Maven ("local"; ``broker`` is set so chaos tests can restart or kill it).
 """
 
@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from worker.kafka.local_broker import LocalKafka
+from worker.devtools.local_broker import LocalKafka
 
 ClusterKind = Literal["external", "testcontainers", "local"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from worker.training.goemotions import GOEMOTIONS_LABELS
+from schemas.labels import GOEMOTIONS_LABELS
 from worker.training.train import default_base_model
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from schemas.labels import GOEMOTIONS_LABELS
 from worker.inference.loading import ModelLoadError, load_classifier
 from worker.settings import ModelSettings
-from worker.training.goemotions import GOEMOTIONS_LABELS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from schemas.labels import GOEMOTIONS_LABELS
 from worker import datasets
 from worker.cli import app
 from worker.datasets import (
@@ -28,7 +29,7 @@ from worker.datasets import (
     default_data_dir,
     fetch_dataset,
 )
-from worker.training.goemotions import GOEMOTIONS_LABELS, read_tsv
+from worker.training.goemotions import read_tsv
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "tests" / "data" / "goemotions"

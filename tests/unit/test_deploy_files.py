@@ -532,6 +532,7 @@ def test_dockerfile(dockerfile: Path) -> None:
     runs = [a for k, a in steps if k == "RUN"]
     syncs = [r for r in runs if "uv sync" in r]
     assert syncs and all("--frozen" in r and "--no-dev" in r for r in syncs)
+    assert not any("--extra" in r or "--all-extras" in r for r in syncs), "the runtime only"
     assert any("--no-install-project" in r for r in syncs), "dependencies in their own layer"
     copies = [a for k, a in steps if k == "COPY"]
     assert any("uv.lock" in c for c in copies), "install from the lock file"

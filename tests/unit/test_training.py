@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_recall_fscore_support
 
+from schemas.labels import GOEMOTIONS_LABELS
 from worker.bundle import BundleManifest, default_bundle_path, read_thresholds, write_thresholds
 from worker.inference.loading import load_classifier
 from worker.settings import ModelSettings
 from worker.training.evaluation import predict_texts
-from worker.training.goemotions import GOEMOTIONS_LABELS, read_tsv
+from worker.training.goemotions import read_tsv
 from worker.training.metrics import (
     binarize,
     classification_report,

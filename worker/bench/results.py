@@ -15,8 +15,9 @@ import numpy as np
 import psutil
 import torch
 
+from schemas.labels import GOEMOTIONS_LABELS
 from worker.datasets import default_data_dir
-from worker.training.goemotions import GOEMOTIONS_LABELS, read_tsv
+from worker.training.goemotions import read_tsv
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "bench" / "results"

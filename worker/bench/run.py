@@ -61,7 +61,7 @@ def kafka_for_bench() -> Iterator[str]:
     if external:
         yield external
         return
-    from worker.kafka.local_broker import LocalKafka
+    from worker.devtools.local_broker import LocalKafka
 
     with LocalKafka() as broker:
         yield broker.bootstrap_servers

@@ -28,9 +28,10 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
+from worker.exit_codes import EXIT_CONFIG
+from worker.extras import missing_extra
 from worker.kafka.admin import ensure_topics
 from worker.kafka.feed import feed_topic, read_feed
-from worker.kafka.local_broker import LocalKafka
 from worker.logs import configure_logging
 from worker.pipeline import Pipeline
 from worker.settings import WorkerSettings
@@ -197,6 +198,12 @@ def show_examples(tally: Tally) -> None:
 
 
 def main() -> int:
+    missing = missing_extra("demo", "make demo")
+    if missing is not None:
+        print(f"error: {missing}", file=sys.stderr)
+        return EXIT_CONFIG
+    from worker.devtools.local_broker import LocalKafka
+
     configure_logging("console", os.environ.get("EMOWORKER_LOG_LEVEL", "WARNING"))
     rate = float(os.environ.get("DEMO_RATE", "40"))
     console.rule("[bold]emotion-stream demo")

@@ -42,24 +42,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from schemas.labels import GOEMOTIONS_LABELS, SEMEVAL_2018_EC_LABELS
 from worker.inference.onnx_models import Pooling
-from worker.training.goemotions import GOEMOTIONS_LABELS
 
 Backend = Literal["transformers", "onnx", "encoder_onnx_head"]
 
-SEMEVAL_2018_EC_LABELS: tuple[str, ...] = (
-    "anger",
-    "anticipation",
-    "disgust",
-    "fear",
-    "joy",
-    "love",
-    "optimism",
-    "pessimism",
-    "sadness",
-    "surprise",
-    "trust",
-)
 LABEL_PRESETS: dict[str, tuple[str, ...]] = {
     "goemotions": GOEMOTIONS_LABELS,
     "semeval2018": SEMEVAL_2018_EC_LABELS,

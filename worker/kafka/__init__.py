@@ -1,1 +1,2 @@
-"""Kafka integration for the worker (clients, delivery, a local broker for tests and demos)."""
+"""Kafka integration for the worker (clients, reading, delivery, topic admin, replay); the local
+broker for tests and demos is tooling: ``worker.devtools.local_broker``."""

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from worker.inference.adapters import SEMEVAL_2018_EC_LABELS as SEMEVAL_LABELS
-from worker.training.goemotions import GOEMOTIONS_LABELS
+from schemas.labels import GOEMOTIONS_LABELS
+from schemas.labels import SEMEVAL_2018_EC_LABELS as SEMEVAL_LABELS
 
 HIDDEN = 32
 LAYERS = 2
