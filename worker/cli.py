@@ -5,13 +5,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+
+from worker.exit_codes import EXIT_CONFIG
+
+if TYPE_CHECKING:
+    from worker.settings import WorkerSettings
 
 app = typer.Typer(
     name="emoworker",
@@ -36,7 +42,7 @@ class CliError(Exception):
 
 
 def one_line_errors(fn: F) -> F:
-    """Turn known failures into one clear line on stderr and exit code 1."""
+    """Turn known failures into one clear line on stderr and exit code 1 (EXIT_CONFIG)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -51,7 +57,7 @@ def one_line_errors(fn: F) -> F:
             err.print(f"[red]error:[/] invalid setting {where} ({env}): {first['msg']}")
         except (CliError, ModelLoadError, FileNotFoundError, ValueError) as exc:
             err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_CONFIG)
 
     return wrapper  # type: ignore[return-value]
 
@@ -67,11 +73,33 @@ def require_extra(extra: str, command: str) -> None:
         raise CliError(escape(message))
 
 
-def load_settings(**overrides: Any) -> Any:
+@dataclass(frozen=True)
+class ModelOptions:
+    """The model options a command was given (None: not given, the setting stands)."""
+
+    path: str | None = None
+    n_samples: int | None = None
+    mc_mode: str | None = None
+    precision: str | None = None
+    adapter: str | None = None
+    trust_remote_code: bool | None = None
+    seed: int | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        return {f"model.{name}": value for name, value in asdict(self).items()}
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None, model: ModelOptions | None = None
+) -> WorkerSettings:
+    """The settings (environment, .env) with the command's options over them: ``overrides`` by
+    dotted path (``kafka.bootstrap_servers``), ``model`` for the model options; a None value
+    leaves the setting as it is. The result is validated again."""
     from worker.settings import WorkerSettings
 
     settings = WorkerSettings()
-    for dotted, value in overrides.items():
+    merged = {**(model.overrides() if model is not None else {}), **(overrides or {})}
+    for dotted, value in merged.items():
         if value is None:
             continue
         target: Any = settings
@@ -119,15 +147,8 @@ def run(
     from worker.pipeline import Pipeline
 
     settings = load_settings(
-        **{
-            "kafka.bootstrap_servers": bootstrap_servers,
-            "model.path": model,
-            "model.n_samples": n_samples,
-            "model.mc_mode": mc_mode,
-            "model.precision": precision,
-            "model.adapter": adapter,
-            "model.trust_remote_code": trust_remote_code,
-        }
+        {"kafka.bootstrap_servers": bootstrap_servers},
+        ModelOptions(model, n_samples, mc_mode, precision, adapter, trust_remote_code),
     )
     configure_logging(settings.log_format, settings.log_level)
     code = asyncio.run(Pipeline(settings).run())
@@ -169,16 +190,8 @@ def classify(
     from worker.processing import BatchProcessor
 
     settings = load_settings(
-        **{
-            "model.path": model,
-            "model.n_samples": n_samples,
-            "model.mc_mode": mc_mode,
-            "model.precision": precision,
-            "model.seed": seed,
-            "model.adapter": adapter,
-            "model.trust_remote_code": trust_remote_code,
-            "batch_size": batch_size,
-        }
+        {"batch_size": batch_size},
+        ModelOptions(model, n_samples, mc_mode, precision, adapter, trust_remote_code, seed),
     )
     configure_logging(settings.log_format, "WARNING")
     if input != "-" and not Path(input).is_file():
@@ -251,7 +264,7 @@ def topics_create(
     """Create the input, enriched, review and dead-letter topics (existing ones are kept)."""
     from worker.kafka.admin import ensure_topics
 
-    settings = load_settings(**{"kafka.bootstrap_servers": bootstrap_servers})
+    settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})
     t = settings.topics
     created = asyncio.run(
         ensure_topics(
@@ -275,7 +288,7 @@ def topics_describe(
 
     from worker.kafka.admin import describe_topics
 
-    settings = load_settings(**{"kafka.bootstrap_servers": bootstrap_servers})
+    settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})
     t = settings.topics
     rows = asyncio.run(
         describe_topics(
@@ -303,7 +316,7 @@ def produce(
     """Feed a topic from a file at a given rate (demos and load tests)."""
     from worker.kafka.feed import feed_topic, read_feed
 
-    settings = load_settings(**{"kafka.bootstrap_servers": bootstrap_servers})
+    settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})
     messages = read_feed(file)
     sent = asyncio.run(
         feed_topic(
@@ -354,7 +367,7 @@ def replay(
             raise CliError(f"unknown dead-letter kind {name!r}: choose from {', '.join(known)}")
     if limit < 0:
         raise CliError("--limit must be 0 (all) or more")
-    settings = load_settings(**{"kafka.bootstrap_servers": bootstrap_servers})
+    settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})
     try:
         report = asyncio.run(
             replay_dead_letters(
@@ -520,85 +533,30 @@ def evaluate(
 ) -> None:
     """Score a model on labelled data with MC Dropout: metrics, routing curves, plots."""
     require_extra("train", "emoworker evaluate")
-    import json
-
     from rich.progress import Progress
 
     from worker.datasets import default_data_dir, missing_data_message
-    from worker.inference.engine import EngineConfig, engine_precision
-    from worker.inference.loading import load_classifier
-    from worker.training.evaluation import predict_texts
-    from worker.training.goemotions import read_label_names, read_tsv
-    from worker.training.plots import (
-        probability_uncertainty_scatter,
-        rejection_curves,
-        reliability_diagram,
-    )
-    from worker.training.report import evaluate_predictions, markdown_report
+    from worker.training.evaluate import load_evaluation, run_evaluation
 
     if data is None:
         data = default_data_dir() / "dev.tsv"
         if not data.is_file():
             raise CliError(missing_data_message(data))
     settings = load_settings(
-        **{
-            "model.path": model,
-            "model.n_samples": n_samples,
-            "model.mc_mode": mc_mode,
-            "model.precision": precision,
-            "model.adapter": adapter,
-            "model.trust_remote_code": trust_remote_code,
-        }
+        model=ModelOptions(model, n_samples, mc_mode, precision, adapter, trust_remote_code)
     )
-    classifier = load_classifier(settings.model)
-    names = classifier.label_names
-    if labels is not None and read_label_names(labels) != names:
-        raise CliError(f"{labels} does not match the model's labels")
-    if not data.is_file():
-        raise CliError(f"data file {data} does not exist")
-    split = read_tsv(data, len(names))
-    if limit:
-        split = split.subset(list(range(min(limit, len(split)))))
-    n = settings.model.n_samples
+    classifier, split = load_evaluation(settings.model, data, labels, limit)
     with Progress(console=err, transient=True) as bar:
-        task = bar.add_task(f"MC Dropout, N = {n}", total=len(split) * 2)
-        mc = predict_texts(
+        task = bar.add_task(f"MC Dropout, N = {settings.model.n_samples}", total=len(split) * 2)
+        markdown = run_evaluation(
             classifier,
-            split.texts,
-            n_samples=n,
-            mode=settings.model.mc_mode,
+            split,
+            data,
+            output_dir,
+            settings.model,
             seed=seed,
-            precision=settings.model.precision,
             progress=lambda k: bar.advance(task, k),
         )
-        det = predict_texts(
-            classifier,
-            split.texts,
-            mode="off",
-            precision=settings.model.precision,
-            progress=lambda k: bar.advance(task, k),
-        )
-    report = evaluate_predictions(split.targets, mc, classifier.thresholds, names, det.mean)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    curves = report.pop("_curves")
-    report["ece"] = reliability_diagram(split.targets, mc.mean, output_dir / "reliability.png")
-    rejection_curves(curves, output_dir / "f1_rejection.png")
-    probability_uncertainty_scatter(mc.mean, mc.std, output_dir / "probability_vs_uncertainty.png")
-    report["model"] = {
-        "name": classifier.name,
-        "revision": classifier.revision,
-        "n_samples": n,
-        "mc_mode": settings.model.mc_mode,
-        "precision": engine_precision(
-            classifier,
-            EngineConfig(precision=settings.model.precision),
-            settings.model.mc_mode,
-        ),
-    }
-    report["data"] = str(data)
-    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    markdown = markdown_report(report, f"{classifier.name} on {data.name}")
-    (output_dir / "report.md").write_text(markdown)
     sys.stdout.write(markdown)
     err.print(f"reports and plots in {output_dir}")
 

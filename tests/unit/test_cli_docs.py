@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from worker.docs import CONFIG_DOC, START, with_reference
 
 REPO = Path(__file__).resolve().parents[2]
@@ -76,3 +79,34 @@ def test_schema_command_prints_every_schema() -> None:
     assert result.returncode == 0
     for title in ("SocialPost", "EnrichedPost", "ReviewRequest", "DeadLetter"):
         assert f'"title": "{title}"' in result.stdout
+
+
+def test_options_override_the_settings_and_none_leaves_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker.cli import ModelOptions, load_settings
+
+    monkeypatch.setenv("EMOWORKER_MODEL__N_SAMPLES", "12")
+    monkeypatch.setenv("EMOWORKER_KAFKA__BOOTSTRAP_SERVERS", "env:9092")
+    given = ModelOptions(
+        path="some/bundle",
+        mc_mode="fast",
+        precision="fp32",
+        adapter="tuple:1",
+        trust_remote_code=True,
+        seed=5,
+    )
+    settings = load_settings({"batch_size": 7, "kafka.bootstrap_servers": None}, given)
+    model = settings.model
+    assert (model.path, model.mc_mode, model.precision, model.adapter) == (
+        "some/bundle",
+        "fast",
+        "fp32",
+        "tuple:1",
+    )
+    assert model.trust_remote_code is True and model.seed == 5
+    assert model.n_samples == 12, "not given: the environment's value"
+    assert settings.kafka.bootstrap_servers == "env:9092"
+    assert settings.batch_size == 7
+    with pytest.raises(ValidationError):
+        load_settings(model=ModelOptions(n_samples=0))  # validated again

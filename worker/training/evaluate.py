@@ -1,0 +1,94 @@
+"""``emoworker evaluate``: score a model on labelled posts with MC Dropout and one deterministic
+pass; write the metrics, the routing (risk-coverage) report and the plots.
+
+The scoring itself is in ``evaluation.py`` (predictions), ``report.py`` (metrics and routing) and
+``plots.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from worker.inference.engine import EngineConfig, engine_precision
+from worker.inference.loading import Classifier, load_classifier
+from worker.settings import ModelSettings
+from worker.training.evaluation import predict_texts
+from worker.training.goemotions import LabelledSplit, read_label_names, read_tsv
+from worker.training.report import evaluate_predictions, markdown_report
+
+
+def load_evaluation(
+    model: ModelSettings, data: Path, labels: Path | None = None, limit: int = 0
+) -> tuple[Classifier, LabelledSplit]:
+    """The classifier and the labelled posts of ``data`` (GoEmotions-format TSV; its first
+    ``limit`` posts, 0: all); ``labels`` (a labels.txt) must match the model's."""
+    classifier = load_classifier(model)
+    names = classifier.label_names
+    if labels is not None and read_label_names(labels) != names:
+        raise ValueError(f"{labels} does not match the model's labels")
+    if not data.is_file():
+        raise FileNotFoundError(f"data file {data} does not exist")
+    split = read_tsv(data, len(names))
+    if limit:
+        split = split.subset(list(range(min(limit, len(split)))))
+    return classifier, split
+
+
+def run_evaluation(
+    classifier: Classifier,
+    split: LabelledSplit,
+    data: Path,
+    output_dir: Path,
+    model: ModelSettings,
+    *,
+    seed: int = 0,
+    progress: Callable[[int], Any] | None = None,
+) -> str:
+    """Score ``classifier`` on ``split`` (read from ``data``) with ``model.n_samples`` MC samples
+    seeded by ``seed`` and with one deterministic pass; write report.json, report.md,
+    reliability.png, f1_rejection.png and probability_vs_uncertainty.png into ``output_dir``;
+    return the markdown report. ``progress(k)``: k more posts done (each pass counts them once:
+    twice the posts in all)."""
+    from worker.training.plots import (
+        probability_uncertainty_scatter,
+        rejection_curves,
+        reliability_diagram,
+    )
+
+    names = classifier.label_names
+    n = model.n_samples
+    mc = predict_texts(
+        classifier,
+        split.texts,
+        n_samples=n,
+        mode=model.mc_mode,
+        seed=seed,
+        precision=model.precision,
+        progress=progress,
+    )
+    det = predict_texts(
+        classifier, split.texts, mode="off", precision=model.precision, progress=progress
+    )
+    report = evaluate_predictions(split.targets, mc, classifier.thresholds, names, det.mean)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    curves = report.pop("_curves")
+    report["ece"] = reliability_diagram(split.targets, mc.mean, output_dir / "reliability.png")
+    rejection_curves(curves, output_dir / "f1_rejection.png")
+    probability_uncertainty_scatter(mc.mean, mc.std, output_dir / "probability_vs_uncertainty.png")
+    report["model"] = {
+        "name": classifier.name,
+        "revision": classifier.revision,
+        "n_samples": n,
+        "mc_mode": model.mc_mode,
+        "precision": engine_precision(
+            classifier, EngineConfig(precision=model.precision), model.mc_mode
+        ),
+    }
+    report["data"] = str(data)
+    (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = markdown_report(report, f"{classifier.name} on {data.name}")
+    (output_dir / "report.md").write_text(markdown)
+    return markdown
