@@ -47,9 +47,6 @@ class Checkpoint:
         """A message was received; returns its partition's epoch."""
         return self.tracker.track(tp, offset)
 
-    def pending(self) -> int:
-        return self.tracker.pending()
-
     def admit(self, items: list[Inbound], assigned: set[TopicPartition]) -> list[Inbound]:
         """Items leaving the batcher for inference: counted until done (a revocation waits for
         them), less those whose partition was revoked since or is being revoked now."""

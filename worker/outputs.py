@@ -83,11 +83,9 @@ class OutputBuilder:
             return None
         return DecodeFailure("output_too_large", "; ".join(parts))
 
-    def dead_letter(
-        self, item: Inbound, failure: DecodeFailure, headers: Headers | None = None
-    ) -> OutputRecord:
-        """The dead letter of ``item``: its input headers are kept in the JSON when they fit in
-        ``dead_letter_payload_bytes`` (replay restores them)."""
+    def dead_letter(self, item: Inbound, failure: DecodeFailure, headers: Headers) -> OutputRecord:
+        """The dead letter of ``item``, a record with ``headers``: its input headers are kept in
+        the JSON when they fit in ``dead_letter_payload_bytes`` (replay restores them)."""
         s = self.settings
         kept = item.headers if headers_size(item.headers) <= s.dead_letter_payload_bytes else None
         letter = dead_letter_event(
@@ -99,8 +97,6 @@ class OutputBuilder:
             s.dead_letter_payload_bytes,
             headers=None if kept is None else encode_headers(kept),
         )
-        if headers is None:
-            headers = self.headers.outgoing(item.headers)
         return OutputRecord(
             self.topics.dead_letter, item.key, orjson.dumps(letter), failure.kind, headers
         )

@@ -109,7 +109,7 @@ async def describe_topics(
 async def read_topic_limits(settings: WorkerSettings, topics: Iterable[str]) -> TopicLimits:
     """``max.message.bytes`` of each topic that exists and may be described, capped by the
     producer's own request limit. A topic whose limit cannot be read (missing, not authorised)
-    is left out, with a warning: the broker's answer still protects it."""
+    gets that request limit, with a warning: the broker's answer still protects it."""
     names = list(dict.fromkeys(topics))
     cap = settings.kafka.producer_max_request_bytes
     admin = AIOKafkaAdminClient(**connection_kwargs(settings.kafka))
