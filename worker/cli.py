@@ -446,8 +446,14 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed for reproducible training.")] = 13,
     threads: Annotated[int, typer.Option(help="CPU threads; 0: torch's default.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[
+        str, typer.Option(help="fp32, or bf16 (autocast; fast on CPUs with AMX and on GPUs).")
+    ] = "fp32",
 ) -> None:
-    """Fine-tune an encoder on GoEmotions-format data and write a model bundle."""
+    """Fine-tune an encoder on GoEmotions-format data and write a model bundle.
+
+    The run saves a checkpoint in OUTPUT/checkpoint at every dev evaluation: the same command
+    started again continues from there."""
     require_extra("train", "emoworker train")
     from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
@@ -458,6 +464,8 @@ def train(
 
     if weights not in ("delta", "lora", "full"):
         raise CliError("--weights must be delta, lora or full")
+    if precision not in ("fp32", "bf16"):
+        raise CliError("--precision must be fp32 or bf16")
     folder = data if data is not None else default_data_dir()
     if not (folder / "train.tsv").is_file() or not (folder / "dev.tsv").is_file():
         raise CliError(
@@ -482,6 +490,7 @@ def train(
         seed=seed,
         threads=threads,
         device=device,
+        precision=precision,
     )
     with Progress(
         "[progress.description]{task.description}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -150,3 +151,54 @@ def test_default_bundle_loads_and_stays_above_its_floor() -> None:
     mc = predict_texts(classifier, dev.texts, n_samples=10, seed=0)
     score = macro_f1(dev.targets, binarize(mc.mean, classifier.thresholds))
     assert score >= DEFAULT_BUNDLE_FLOOR, score
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_a_stopped_run_resumes_from_its_checkpoint_and_ends_with_the_same_weights(
+    tmp_path: Path, lora_rank: int
+) -> None:
+    from worker.training.goemotions import load_dataset_dir
+    from worker.training.resume import CheckpointMismatch
+    from worker.training.train import TrainConfig, default_base_model, train
+
+    names, train_split, dev_split = load_dataset_dir(tiny_dataset(tmp_path / "data", 64, 16))
+    config = TrainConfig(
+        base_model=default_base_model(),
+        lora_rank=lora_rank,
+        learning_rate=5e-4 if lora_rank else 8e-5,
+        batch_size=16,  # 4 batches an epoch: the checkpoint of step 4 ends the first
+        epochs=2,
+        eval_every=4,
+        patience=99,
+        seed=5,
+    )
+
+    def run(checkpoints: Path | None, stop_at: int = 0) -> dict[str, np.ndarray]:
+        def progress(step: int, total: int) -> None:
+            if step == stop_at:
+                raise Interrupted
+
+        result = train(config, names, train_split, dev_split, lambda _: None, progress, checkpoints)
+        return {
+            n: p.detach().numpy().copy()
+            for n, p in result.model.named_parameters()
+            if p.requires_grad
+        }
+
+    straight = run(None)
+    folder = tmp_path / "checkpoint"
+    with pytest.raises(Interrupted):
+        run(folder, stop_at=6)  # after the checkpoint of step 4, in the second epoch
+    assert (folder / "checkpoint.pt").is_file()
+    resumed = run(folder, stop_at=0)
+    assert straight.keys() == resumed.keys() and len(straight) > 0
+    for name in straight:
+        np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
+
+    other = dataclasses.replace(config, learning_rate=1e-3)
+    with pytest.raises(CheckpointMismatch, match="learning_rate"):
+        train(other, names, train_split, dev_split, lambda _: None, None, folder)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,6 +20,8 @@ from worker.training.evaluation import calibration_report, predict_texts
 from worker.training.export import WeightsKind, export_bundle
 from worker.training.goemotions import LabelledSplit, load_dataset_dir
 from worker.training.train import TrainConfig, TrainResult, train
+
+CHECKPOINT_DIR = "checkpoint"  # inside the bundle folder while training runs
 
 
 def classifier_from(result: TrainResult, label_names: list[str]) -> Classifier:
@@ -106,13 +109,26 @@ def run_training(
     log: Any = print,
     progress: Any = None,
 ) -> dict[str, Any]:
+    """Train (resuming from ``output``/checkpoint when an earlier run of the same configuration
+    stopped), calibrate and write the bundle; the checkpoint goes once the bundle is written."""
     names, train_split, dev_split = load_dataset_dir(data_dir)
     log(f"data: {len(train_split):,} train and {len(dev_split):,} dev posts, {len(names)} labels")
-    result = train(config, names, train_split, dev_split, log=log, progress=progress)
+    checkpoint_dir = output / CHECKPOINT_DIR
+    result = train(
+        config,
+        names,
+        train_split,
+        dev_split,
+        log=log,
+        progress=progress,
+        checkpoint_dir=checkpoint_dir,
+    )
     log(f"best: {result.best.line()}")
-    return calibrate_and_export(
+    metrics = calibrate_and_export(
         result, names, data_dir, len(train_split), dev_split, output, kind, n_samples, log
     )
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return metrics
 
 
 def calibrate_and_export(

@@ -8,7 +8,12 @@ The loop is plain PyTorch so that it runs the same on 2 CPU cores and on a GPU:
 4. AdamW with linear warm-up and decay, a higher learning rate for the new head;
 5. an exponential moving average of the weights, evaluated on dev at fixed intervals;
 6. early stopping on dev macro-F1 measured honestly (thresholds tuned on one half of dev, scored on
-   the other), keeping the best weights.
+   the other), keeping the best weights;
+7. a checkpoint at every evaluation (``resume.py``): a run that is stopped and started again with
+   the same configuration continues where it stopped and ends with the same weights.
+
+Each epoch's batch order comes from its own seed (``seed``, epoch), so a resumed run can skip the
+batches it already took; dropout's random state is saved with the checkpoint.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from worker.inference.precision import autocast
 from worker.training.goemotions import LabelledSplit
 from worker.training.metrics import binarize, macro_f1, split_half_macro_f1, tune_thresholds
+from worker.training.resume import Checkpointer, Progress, trainable_state
 
 
 @dataclass
@@ -54,6 +61,7 @@ class TrainConfig:
     seed: int = 13
     threads: int = 0  # 0: leave torch's default
     device: str = "auto"
+    precision: str = "fp32"  # "bf16": matmuls in bfloat16 under autocast (CPUs with AMX, GPUs)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -108,6 +116,12 @@ def positive_weights(targets: np.ndarray, kind: str) -> torch.Tensor | None:
     else:
         raise ValueError(f"unknown pos_weight {kind!r}: use log, sqrt or none")
     return torch.tensor(w, dtype=torch.float32)
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The batches of one epoch, in order: a function of (seed, epoch) alone, so that a resumed
+    run takes the same batches as one that never stopped."""
+    return length_bucketed_batches(lengths, batch_size, random.Random(f"{seed}:{epoch}"))
 
 
 def length_bucketed_batches(
@@ -275,8 +289,12 @@ def train(
     dev_split: LabelledSplit,
     log: Callable[[str], None] = print,
     progress: Callable[[int, int], None] | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> TrainResult:
-    """Fine-tune and return the best model by honest dev macro-F1."""
+    """Fine-tune and return the best model by honest dev macro-F1.
+
+    With ``checkpoint_dir``, the run saves its state there at every evaluation and, started
+    again with the same configuration, continues from the last one (``resume.py``)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     seed_everything(config.seed)
@@ -319,20 +337,27 @@ def train(
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=pw.to(device) if pw is not None else None)
     ema = WeightAverage(model, config.ema_decay) if config.ema_decay else None
 
-    rng = random.Random(config.seed)
-    history: list[EvalResult] = []
-    best: EvalResult | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    stale = 0
-    step = 0
-    running = 0.0
+    checkpoints = Checkpointer(checkpoint_dir, config)
+    at = Progress()
+    best_weights: dict[str, torch.Tensor] | None = None
+    if (saved := checkpoints.load()) is not None:
+        at = checkpoints.restore(saved, model, optimiser, schedule)
+        best_weights = saved["best_weights"]
+        if ema is not None and saved["averaged"] is not None:
+            ema.shadow = {n: t.to(device) for n, t in saved["averaged"].items()}
+        log(f"resuming from {checkpoints.path}: step {at.step} of {total_steps}")
     started = time.perf_counter()
     model.train()
-    done = False
+    done = at.step >= total_steps or at.stale >= config.patience
     while not done:
-        for index in length_bucketed_batches(lengths, config.batch_size, rng):
+        batches = epoch_batches(lengths, config.batch_size, config.seed, at.epoch)
+        if at.position >= len(batches):
+            at.epoch, at.position = at.epoch + 1, 0
+            continue
+        for index in batches[at.position :]:
             batch = {k: v.to(device) for k, v in pad_batch(train_tokens, index, pad_id).items()}
-            logits = model(**batch).logits
+            with autocast(config.precision, device):
+                logits = model(**batch).logits
             loss = loss_fn(logits.float(), targets[index].to(device))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -341,49 +366,63 @@ def train(
             schedule.step()
             if ema is not None:
                 ema.update(model)
-            step += 1
-            running = 0.98 * running + 0.02 * loss.item() if step > 1 else loss.item()
+            at.step += 1
+            at.position += 1
+            at.running_loss = (
+                0.98 * at.running_loss + 0.02 * loss.item() if at.step > 1 else loss.item()
+            )
             if progress is not None:
-                progress(step, total_steps)
-            last = step >= total_steps
-            if step % eval_every == 0 or last:
+                progress(at.step, total_steps)
+            last = at.step >= total_steps
+            if at.step % eval_every == 0 or last:
                 if ema is not None:
                     ema.swap(model)
-                result = evaluate_dev(
-                    model,
-                    dev_tokens,
-                    dev_split,
-                    pad_id,
-                    device,
-                    step,
-                    step / steps_per_epoch,
-                    running,
-                )
-                history.append(result)
+                with autocast(config.precision, device):
+                    result = evaluate_dev(
+                        model,
+                        dev_tokens,
+                        dev_split,
+                        pad_id,
+                        device,
+                        at.step,
+                        at.step / steps_per_epoch,
+                        at.running_loss,
+                    )
+                at.history.append(asdict(result))
                 log(result.line() + f" ({time.perf_counter() - started:.0f}s)")
+                best = None if at.best is None else EvalResult(**at.best)
                 if best is None or result.macro_f1_split_half > best.macro_f1_split_half:
-                    best, stale = result, 0
-                    best_state = {
-                        k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                    }
+                    at.best, at.stale = asdict(result), 0
+                    best_weights = trainable_state(model)
                 else:
-                    stale += 1
+                    at.stale += 1
                 if ema is not None:
                     ema.swap(model)
-                if stale >= config.patience:
-                    log(f"early stop: no better split-half macro-F1 for {stale} evaluations")
-                    done = True
-            if last or done:
+                if at.stale >= config.patience:
+                    log(f"early stop: no better split-half macro-F1 for {at.stale} evaluations")
+                    last = True
+                checkpoints.save(
+                    model,
+                    optimiser,
+                    schedule,
+                    at,
+                    best_weights,
+                    None if ema is None else {n: t.cpu() for n, t in ema.shadow.items()},
+                )
+            if last:
                 done = True
                 break
-    assert best is not None and best_state is not None
-    model.load_state_dict(best_state)
+    assert at.best is not None and best_weights is not None
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in best_weights.items():
+            params[name].copy_(value)
     model.eval()
     return TrainResult(
         model=model,
         tokenizer=tokenizer,
-        history=history,
-        best=best,
+        history=[EvalResult(**h) for h in at.history],
+        best=EvalResult(**at.best),
         seconds=time.perf_counter() - started,
         config=copy.deepcopy(config),
     )
