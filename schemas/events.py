@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 SUPPORTED_INPUT_MAJOR = "1"
 MAX_ID_CHARS = 512
@@ -147,6 +147,9 @@ class UncertaintySummary(BaseModel):
         None, description="Largest per-label share of samples across the threshold."
     )
     n_samples: int = Field(description="MC samples actually drawn for this post.")
+    ood: OodSummary | None = Field(
+        None, description="Out-of-distribution signals (null when ood.enabled is false)."
+    )
 
 
 class ReviewReason(BaseModel):
@@ -155,6 +158,54 @@ class ReviewReason(BaseModel):
     label: str | None = Field(None, description="The label concerned, if any.")
     value: float | None = Field(None, description="The measured value that triggered the rule.")
     cut: float | None = Field(None, description="The configured cut it was compared with.")
+    signal: str | None = Field(
+        None,
+        description="out_of_distribution: the signal that raised the flag (language, density, "
+        "tokens_per_word, unknown_share) (since 1.3).",
+    )
+
+
+class OodSignals(BaseModel):
+    """Each out-of-distribution signal's raw value (null when not measured for this model)."""
+
+    language: float | None = Field(
+        None, description="-log10 P(supported languages) by language identification; 0 to 30."
+    )
+    density: float | None = Field(
+        None,
+        description="Squared Mahalanobis distance of the post's middle-layer representation to "
+        "the nearest class of the training posts.",
+    )
+    tokens_per_word: float | None = Field(
+        None, description="Word pieces per white-space separated word."
+    )
+    unknown_share: float | None = Field(
+        None, description="Share of word pieces that are the tokenizer's unknown token."
+    )
+
+
+class OodSummary(BaseModel):
+    """Whether the post is unlike anything the model was trained on (since 1.3)."""
+
+    score: float = Field(
+        description="Combined OOD score, higher = more out of distribution: the largest signal "
+        "on the in-distribution scale (1 = the 99th percentile of in-distribution posts)."
+    )
+    cut: float = Field(description="Posts above this score are flagged.")
+    flagged: bool = Field(
+        description="The emotions of a flagged post are unreliable: dashboards may leave it out."
+    )
+    signal: str | None = Field(None, description="The signal that raised the flag.")
+    action: Literal["review", "capped", "tag", "topic"] | None = Field(
+        None,
+        description="What happened to a flagged post: sent to review, over the review cap "
+        "(tagged only), tagged, or sent to the unsupported topic.",
+    )
+    language: str | None = Field(
+        None, description="The most probable language (or the producer's lang)."
+    )
+    language_source: Literal["detected", "producer"] | None = None
+    signals: OodSignals
 
 
 class ModelInfo(BaseModel):

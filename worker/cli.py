@@ -169,6 +169,14 @@ def classify(
     review: Annotated[
         str | None, typer.Option("--review", help="Review requests (JSON lines).")
     ] = None,
+    unsupported: Annotated[
+        str | None,
+        typer.Option(
+            "--unsupported",
+            help="Events of posts flagged out of distribution when ood.action is topic "
+            "(JSON lines).",
+        ),
+    ] = None,
     model: ModelOpt = None,
     n_samples: SamplesOpt = None,
     mc_mode: ModeOpt = None,
@@ -205,6 +213,7 @@ def classify(
             else stack.enter_context(open(dead_letter, "wb"))
         )
         rev = None if review is None else stack.enter_context(open(review, "wb"))
+        odd = None if unsupported is None else stack.enter_context(open(unsupported, "wb"))
         classifier = load_classifier(settings.model)
         processor = BatchProcessor(classifier, settings)
         total = None
@@ -221,6 +230,7 @@ def classify(
                 out.write,
                 dlq.write,
                 None if rev is None else rev.write,
+                None if odd is None else odd.write,
                 batch_size=settings.batch_size,
                 on_progress=lambda n: progress.advance(task, n),
             )
@@ -228,6 +238,7 @@ def classify(
         f"{stats.lines} lines: {stats.enriched} enriched, {stats.reviewed} to review, "
         f"{stats.dead_lettered} dead-lettered"
         + (f" {stats.dead_letter_kinds}" if stats.dead_letter_kinds else "")
+        + (f"; out of distribution: {stats.ood}" if stats.ood else "")
     )
 
 
@@ -261,20 +272,21 @@ def topics_create(
     replication_factor: Annotated[int, typer.Option(help="Replicas of each topic.")] = 1,
     bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
 ) -> None:
-    """Create the input, enriched, review and dead-letter topics (existing ones are kept)."""
+    """Create the input topic and the output topics (existing ones are kept)."""
     from worker.kafka.admin import ensure_topics
+    from worker.kafka.connection import output_topics
 
     settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})
-    t = settings.topics
+    names = [settings.topics.input, *output_topics(settings)]
     created = asyncio.run(
         ensure_topics(
             settings.kafka,
-            [t.input, t.enriched, t.review, t.dead_letter],
+            names,
             partitions=partitions,
             replication_factor=replication_factor,
         )
     )
-    for name in (t.input, t.enriched, t.review, t.dead_letter):
+    for name in names:
         err.print(f"{name}: {'created' if name in created else 'exists'}")
 
 
@@ -537,10 +549,18 @@ def evaluate(
         "runs/evaluation"
     ),
     limit: Annotated[int, typer.Option(help="Evaluate only the first N posts; 0: all.")] = 0,
+    ood: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Out-of-distribution posts (one per line, or JSON lines with text and lang), "
+            "repeatable: adds AUROC and false-alarm rate per OOD signal against DATA's posts."
+        ),
+    ] = None,
     adapter: AdapterOpt = None,
     trust_remote_code: RemoteCodeOpt = None,
 ) -> None:
-    """Score a model on labelled data with MC Dropout: metrics, routing curves, plots."""
+    """Score a model on labelled data with MC Dropout: metrics, routing curves, plots; with
+    --ood, how well the out-of-distribution signals find posts unlike DATA's."""
     require_extra("train", "emoworker evaluate")
     from rich.progress import Progress
 
@@ -555,8 +575,12 @@ def evaluate(
         model=ModelOptions(model, n_samples, mc_mode, precision, adapter, trust_remote_code)
     )
     classifier, split = load_evaluation(settings.model, data, labels, limit)
+    for path in ood or []:
+        if not path.is_file():
+            raise CliError(f"OOD file {path} does not exist")
     with Progress(console=err, transient=True) as bar:
-        task = bar.add_task(f"MC Dropout, N = {settings.model.n_samples}", total=len(split) * 2)
+        total = len(split) * 2 + sum(len(p.read_text().splitlines()) for p in ood or [])
+        task = bar.add_task(f"MC Dropout, N = {settings.model.n_samples}", total=total)
         markdown = run_evaluation(
             classifier,
             split,
@@ -565,9 +589,86 @@ def evaluate(
             settings.model,
             seed=seed,
             progress=lambda k: bar.advance(task, k),
+            ood_files=ood,
+            settings=settings,
         )
     sys.stdout.write(markdown)
     err.print(f"reports and plots in {output_dir}")
+
+
+@app.command("calibrate-ood")
+@one_line_errors
+def calibrate_ood(
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"Folder with train.tsv and dev.tsv (GoEmotions format); default: {FETCHED}."
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    n_samples: SamplesOpt = None,
+    mc_mode: ModeOpt = None,
+    precision: PrecisionOpt = None,
+    languages: Annotated[
+        str, typer.Option(help="Languages the model reads (ISO 639-1), comma-separated.")
+    ] = "en",
+    false_alarm_rate: Annotated[
+        float, typer.Option(help="Share of in-distribution (dev) posts the cut may flag.")
+    ] = 0.01,
+    output: Annotated[
+        Path | None, typer.Option(help="Folder to write ood.json into; default: the model's.")
+    ] = None,
+) -> None:
+    """Fit the out-of-distribution signals of a model (density statistics on train, references
+    and cut on dev) and store them beside its weights."""
+    require_extra("train", "emoworker calibrate-ood")
+    from rich.progress import Progress
+
+    from worker.datasets import default_data_dir, missing_data_message
+    from worker.inference.engine import EngineConfig
+    from worker.inference.loading import load_classifier
+    from worker.ood.calibration import write_calibration
+    from worker.training.goemotions import load_dataset_dir
+    from worker.training.ood_fit import fit_ood
+
+    folder = data if data is not None else default_data_dir()
+    if not (folder / "train.tsv").is_file() or not (folder / "dev.tsv").is_file():
+        raise CliError(missing_data_message(folder))
+    settings = load_settings(model=ModelOptions(model, n_samples, mc_mode, precision))
+    classifier = load_classifier(settings.model)
+    target = output
+    if target is None:
+        path = Path(settings.model.path) if settings.model.path != "default" else None
+        if path is None:
+            from worker.bundle import default_bundle_path
+
+            path = default_bundle_path()
+        if not path.is_dir():
+            raise CliError("the model is not a local folder: give --output")
+        target = path
+    target.mkdir(parents=True, exist_ok=True)
+    _, train_split, dev_split = load_dataset_dir(folder)
+    m = settings.model
+    engine = EngineConfig(n_samples=m.n_samples, mode=m.mc_mode, seed=0, precision=m.precision)
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("OOD calibration", total=len(train_split) + len(dev_split))
+        calibration = fit_ood(
+            classifier,
+            train_split.texts,
+            train_split.targets,
+            dev_split.texts,
+            engine,
+            supported_languages=tuple(c.strip() for c in languages.split(",") if c.strip()),
+            false_alarm_rate=false_alarm_rate,
+            progress=lambda k: bar.advance(task, k),
+        )
+    write_calibration(target, calibration)
+    err.print(
+        f"OOD calibration written to {target}: signals {', '.join(calibration.signals)}; cut "
+        f"{calibration.cut:.3f} ({100 * false_alarm_rate:g} % of dev flagged; "
+        f"{100 * calibration.measured['false_alarm_rate_split_half']:.2f} % on the half of dev "
+        "the cut was not chosen on)"
+    )
 
 
 @app.command()
@@ -611,6 +712,38 @@ def bench(
             else f"benchmark posts {options.data} not found: pass --data FILE.tsv"
         )
     run_bench(options, log=err.print)
+
+
+@data_app.command("ood-sets")
+@one_line_errors
+def data_ood_sets(
+    output: Annotated[Path, typer.Option(help="Folder for the sets (one .txt per set).")] = Path(
+        "runs/ood-sets"
+    ),
+    posts: Annotated[int, typer.Option(help="Posts per set.")] = 300,
+    seed: Annotated[int, typer.Option(help="Seed of the generators.")] = 0,
+    in_distribution: Annotated[
+        Path | None,
+        typer.Option(
+            help="GoEmotions-format TSV whose posts the shuffled set reorders; default: the "
+            f"dev.tsv of {FETCHED} (the set is left out when there is none)."
+        ),
+    ] = None,
+) -> None:
+    """Generate out-of-distribution evaluation sets: other languages and scripts, code, log
+    lines, links and hashtags, package documentation, shuffled posts (for evaluate --ood)."""
+    require_extra("ood-sets", "emoworker data ood-sets")
+    from worker.datasets import default_data_dir
+    from worker.training.ood_sets import make_ood_sets
+
+    source = in_distribution or default_data_dir() / "dev.tsv"
+    texts: list[str] = []
+    if source.is_file():
+        texts = [line.split("\t", 1)[0] for line in source.read_text("utf-8").splitlines()]
+    elif in_distribution is not None:
+        raise CliError(f"{in_distribution} does not exist")
+    written = make_ood_sets(output, texts, posts, seed)
+    err.print(f"{len(written)} sets of up to {posts} posts in {output}: {', '.join(written)}")
 
 
 @data_app.command("fetch")

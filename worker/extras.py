@@ -16,6 +16,7 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "train": (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")),
     "bench": (("sklearn", "scikit-learn"), ("scipy", "scipy"), ("psutil", "psutil")),
     "demo": (("psutil", "psutil"),),
+    "ood-sets": (("faker", "faker"), ("wordfreq", "wordfreq")),
 }
 
 

@@ -1,8 +1,9 @@
 """File mode: the same decoding, inference and routing as the Kafka worker, over JSON lines.
 
 Each input line is one message. Valid posts become enriched events (in input order), routed posts
-also review requests, and bad lines dead letters carrying their line number. A bad line never stops
-the run.
+also review requests, posts flagged out of distribution under ``ood.action=topic`` also
+"unsupported" events, and bad lines dead letters carrying their line number. A bad line never
+stops the run.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class FileRunStats:
     lines: int = 0
     enriched: int = 0
     reviewed: int = 0
+    unsupported: int = 0
+    ood: dict[str, int] = field(default_factory=dict)  # flagged posts by outcome (ood.action)
     dead_lettered: int = 0
     dead_letter_kinds: dict[str, int] = field(default_factory=dict)
     timing: BatchTiming = field(default_factory=BatchTiming)
@@ -41,6 +44,7 @@ def classify_stream(
     write_enriched: Callable[[bytes], Any],
     write_dead_letter: Callable[[bytes], Any],
     write_review: Callable[[bytes], Any] | None = None,
+    write_unsupported: Callable[[bytes], Any] | None = None,
     batch_size: int = 64,
     on_progress: Callable[[int], Any] | None = None,
 ) -> FileRunStats:
@@ -55,13 +59,21 @@ def classify_stream(
         ]
         routed = processor.process([p for _, p in pending], sources, timing=stats.timing)
         for r in routed:
-            write_enriched(r.enriched_bytes() + b"\n")
+            enriched = r.enriched_bytes() + b"\n"
+            write_enriched(enriched)
             stats.enriched += 1
             review = r.review_bytes()
             if review is not None:
                 stats.reviewed += 1
                 if write_review is not None:
                     write_review(review + b"\n")
+            if r.unsupported:
+                stats.unsupported += 1
+                if write_unsupported is not None:
+                    write_unsupported(enriched)
+            ood = r.enriched["uncertainty"].get("ood")
+            if ood is not None and ood["action"] is not None:
+                stats.ood[ood["action"]] = stats.ood.get(ood["action"], 0) + 1
         if on_progress is not None:
             on_progress(len(pending))
         pending.clear()

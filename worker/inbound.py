@@ -31,6 +31,7 @@ class Inbound:
     headers: Headers = ()
     consumed_ns: int = 0  # time.time_ns() when it was received (the start of its trace span)
     trace: PostTrace | None = None  # with tracing on
+    ood: str | None = None  # flagged out of distribution: review, capped, tag or topic
 
     def source(self) -> dict[str, Any]:
         return {

@@ -37,6 +37,18 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.unsupported = Counter(
+            "emoworker_posts_unsupported",
+            "Events on the unsupported topic acknowledged by Kafka (ood.action topic)",
+            registry=r,
+        )
+        self.out_of_distribution = Counter(
+            "emoworker_posts_out_of_distribution",
+            "Posts flagged out of distribution, by what became of them (review, capped: over "
+            "ood.max_per_minute, tag, topic)",
+            ["action"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "emoworker_batch_size", "Posts per inference batch", buckets=BATCH_BUCKETS, registry=r
         )
@@ -88,12 +100,24 @@ class Metrics:
 
 def record_outcome(metrics: Metrics, item: Inbound, kinds: Sequence[str], batch: int) -> None:
     """Count and log what became of one message once its outputs are acknowledged: ``kinds``
-    are its records' kinds (``enriched``, ``review`` or a dead-letter kind)."""
+    are its records' kinds (``enriched``, ``review``, ``unsupported`` or a dead-letter kind)."""
+    if item.ood is not None and item.failure is None:
+        metrics.out_of_distribution.labels(action=item.ood).inc()
+        log.info(
+            "out of distribution",
+            action=item.ood,
+            post_id=item.post.id if item.post else None,
+            batch=batch,
+            partition=item.tp.partition,
+            offset=item.offset,
+        )
     for kind in kinds:
         if kind == "enriched":
             metrics.enriched.inc()
             if item.timestamp_ms:
                 metrics.end_to_end_seconds.observe(max(0.0, time.time() - item.timestamp_ms / 1000))
+        elif kind == "unsupported":
+            metrics.unsupported.inc()
         elif kind == "review":
             metrics.reviewed.inc()
             log.info(

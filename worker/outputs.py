@@ -1,9 +1,10 @@
 """From one consumed message to the records the worker publishes for it.
 
-A valid post gives its enriched event and, when routed, its review request; a message that cannot
-be processed gives one dead letter. Every record carries the message's propagated headers
-(``kafka/headers.py``). An output that fails for reasons of that message alone becomes a dead
-letter instead, and the offset advances like any other:
+A valid post gives its enriched event and, when routed, its review request (or, flagged out of
+distribution under ``ood.action=topic``, its enriched event again on the unsupported topic); a
+message that cannot be processed gives one dead letter. Every record carries the message's
+propagated headers (``kafka/headers.py``). An output that fails for reasons of that message
+alone becomes a dead letter instead, and the offset advances like any other:
 
 * ``output_too_large``: an event larger than its topic accepts (``max.message.bytes``, read at
   start-up: ``kafka/topic_limits.py``); the message's other outputs are not published either;
@@ -47,6 +48,7 @@ class OutputBuilder:
             failure = item.failure or DecodeFailure("processing_error", "the post was not routed")
             return [self.dead_letter(item, failure, headers)]
         key = routed.post_id.encode("utf-8")
+        item.ood = routed.ood
         try:
             records = [
                 OutputRecord(
@@ -63,6 +65,10 @@ class OutputBuilder:
             return [self.dead_letter(item, failure, headers)]
         if review is not None:
             records.append(OutputRecord(self.topics.review, key, review, "review", headers))
+        if routed.unsupported:
+            records.append(
+                OutputRecord(self.topics.unsupported, key, records[0].value, "unsupported", headers)
+            )
         too_large = self._too_large(records)
         if too_large is not None:
             item.failure = too_large

@@ -16,6 +16,8 @@ from worker.decoding import DecodeFailure, payload_for_dead_letter
 from worker.inference.engine import EngineConfig, McDropoutEngine
 from worker.inference.loading import Classifier
 from worker.inference.uncertainty import McSummary
+from worker.ood.calibration import builtin_calibration
+from worker.ood.scorer import OodBatch, OodScorer
 from worker.routing.policy import ReviewPolicy
 from worker.routing.router import RoutedPost, Router
 from worker.settings import WorkerSettings
@@ -37,6 +39,7 @@ class BatchProcessor:
         self.classifier = classifier
         self.settings = settings
         n_samples = settings.model.n_samples
+        self.ood = ood_scorer(classifier, settings)
         self.engine = McDropoutEngine(
             classifier,
             EngineConfig(
@@ -45,6 +48,7 @@ class BatchProcessor:
                 seed=settings.model.seed,
                 precision=settings.model.precision,
                 max_tokens_per_forward=settings.model.max_tokens_per_forward,
+                feature_layer=0 if self.ood is None else self.ood.feature_layer,
             ),
         )
         self.model_info: dict[str, Any] = {
@@ -54,7 +58,9 @@ class BatchProcessor:
             "mc_mode": self.engine.mode,
             "precision": self.engine.precision,
         }
-        self.policy = ReviewPolicy(settings.review, classifier.label_names, classifier.thresholds)
+        self.policy = ReviewPolicy(
+            settings.review, classifier.label_names, classifier.thresholds, ood=settings.ood
+        )
         self.router = Router(
             self.policy,
             classifier.label_names,
@@ -70,10 +76,22 @@ class BatchProcessor:
     def infer(self, token_ids: list[list[int]]) -> McSummary:
         return self.engine.predict(token_ids)
 
+    def out_of_distribution(
+        self, posts: list[SocialPost], token_ids: list[list[int]], summary: McSummary
+    ) -> OodBatch | None:
+        if self.ood is None:
+            return None
+        texts = [p.text[: self.max_chars] for p in posts]
+        return self.ood.score(texts, [p.lang for p in posts], token_ids, summary.features)
+
     def route(
-        self, posts: list[SocialPost], sources: list[dict[str, Any] | None], summary: McSummary
+        self,
+        posts: list[SocialPost],
+        sources: list[dict[str, Any] | None],
+        summary: McSummary,
+        ood: OodBatch | None = None,
     ) -> list[RoutedPost]:
-        return self.router.route(posts, sources, summary)
+        return self.router.route(posts, sources, summary, ood)
 
     def process(
         self,
@@ -88,13 +106,30 @@ class BatchProcessor:
             token_ids = self.tokenize(posts)
         t1 = time.perf_counter()
         summary = self.infer(token_ids)
+        ood = self.out_of_distribution(posts, token_ids, summary)
         t2 = time.perf_counter()
-        routed = self.route(posts, sources, summary)
+        routed = self.route(posts, sources, summary, ood)
         if timing is not None:
             timing.tokenize_s += t1 - t0
             timing.inference_s += t2 - t1
             timing.routing_s += time.perf_counter() - t2
         return routed
+
+
+def ood_scorer(classifier: Classifier, settings: WorkerSettings) -> OodScorer | None:
+    """The OOD signals for ``classifier``: its own calibration, or the language signal alone
+    (``builtin_calibration``); None when ``ood.enabled`` is off."""
+    ood = settings.ood
+    if not ood.enabled:
+        return None
+    calibration = classifier.ood or builtin_calibration()
+    return OodScorer(
+        calibration,
+        classifier.tokenizer,
+        classifier.max_length,
+        supported_languages=ood.supported_languages or None,
+        cut=ood.cut,
+    )
 
 
 def dead_letter_event(

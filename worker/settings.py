@@ -83,6 +83,10 @@ class TopicSettings(BaseModel):
     enriched: str = Field("posts.enriched", description="Every valid post, classified.")
     review: str = Field("posts.review", description="Posts routed to human review.")
     dead_letter: str = Field("posts.dead-letter", description="Messages that could not be read.")
+    unsupported: str = Field(
+        "posts.unsupported",
+        description="Posts the model cannot read (out of distribution), when ood.action is topic.",
+    )
 
 
 class HeaderSettings(BaseModel):
@@ -198,6 +202,47 @@ class ReviewSettings(BaseModel):
         return comma_separated(value)
 
 
+OodAction = Literal["review", "tag", "topic"]
+
+
+class OodSettings(BaseModel):
+    """Posts the model cannot read (another language, code, logs, links): out-of-distribution
+    signals and what happens to a flagged post. See docs/ood.md."""
+
+    enabled: bool = Field(
+        True,
+        description="Compute the OOD signals for every post (the event's uncertainty.ood).",
+    )
+    action: OodAction = Field(
+        "review",
+        description="A flagged post: review (sent to the review topic past the score budget, "
+        "up to max_per_minute), tag (flagged in its event only) or topic (its event also goes "
+        "to topics.unsupported, not to review).",
+    )
+    max_per_minute: float | None = Field(
+        30.0,
+        gt=0,
+        description="With action review: most flagged posts sent to review per minute per "
+        "worker (a flood of foreign spam cannot swamp reviewers); the rest are tagged and "
+        "counted. Empty: no cap.",
+    )
+    supported_languages: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="ISO 639-1 codes of the languages the model reads, comma-separated; empty: "
+        "the model bundle's (en for the default model).",
+    )
+    cut: float | None = Field(
+        None,
+        description="Flag posts whose combined OOD score exceeds this; empty: the bundle's cut "
+        "(chosen on in-distribution dev for a 1 % false-alarm rate).",
+    )
+
+    @field_validator("supported_languages", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return comma_separated(value)
+
+
 class ModelSettings(BaseModel):
     path: str = Field(
         "default",
@@ -293,6 +338,7 @@ class WorkerSettings(BaseSettings):
     topics: TopicSettings = Field(default_factory=TopicSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
+    ood: OodSettings = Field(default_factory=OodSettings)
     otel: OtelSettings = Field(default_factory=OtelSettings)
     headers: HeaderSettings = Field(default_factory=HeaderSettings)
 

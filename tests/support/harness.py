@@ -30,6 +30,11 @@ class Topics:
     review: str
     dead_letter: str
     group_id: str
+    unsupported: str = ""  # empty: "<enriched>-unsupported"
+
+    def __post_init__(self) -> None:
+        if not self.unsupported:
+            self.unsupported = f"{self.enriched}-unsupported"
 
     def settings_dict(self) -> dict[str, Any]:
         return {
@@ -37,13 +42,16 @@ class Topics:
             "enriched": self.enriched,
             "review": self.review,
             "dead_letter": self.dead_letter,
+            "unsupported": self.unsupported,
         }
 
 
 async def make_topics(kafka: KafkaCluster, topics: Topics, partitions: int = 4) -> None:
     await create_topics(kafka.bootstrap_servers, [topics.input], partitions)
     await create_topics(
-        kafka.bootstrap_servers, [topics.enriched, topics.review, topics.dead_letter], 2
+        kafka.bootstrap_servers,
+        [topics.enriched, topics.review, topics.dead_letter, topics.unsupported],
+        2,
     )
 
 

@@ -227,9 +227,15 @@ def test_without_budget_a_post_is_routed_iff_a_rule_fired(routed_run: Any) -> No
     for i, r in enumerate(routed):
         fired = expected_ambiguous(summary, i, thresholds)
         decisions.append(fired)
-        assert r.enriched_event()["needs_review"] is fired
+        # the French post is flagged out of distribution, which routes it too (ood.action)
+        foreign = TEXTS[i].startswith("c'est")
+        assert r.enriched_event()["uncertainty"]["ood"]["flagged"] is foreign
+        assert r.enriched_event()["needs_review"] is (fired or foreign)
         rules = {reason["rule"] for reason in r.enriched_event()["review_reasons"]}
-        assert rules == ({"ambiguous_label"} if fired else set())
+        expected = ({"ambiguous_label"} if fired else set()) | (
+            {"out_of_distribution"} if foreign else set()
+        )
+        assert rules == expected
     assert decisions[0], "post 0 is exactly on a threshold"
     assert True in decisions and False in decisions, "the batch should have both outcomes"
 

@@ -24,6 +24,7 @@ from schemas import SocialPost
 from worker.inference.loading import Classifier
 from worker.inference.uncertainty import McSummary
 from worker.kafka.admin import ensure_topics
+from worker.kafka.connection import output_topics
 from worker.kafka.feed import feed_topic
 from worker.pipeline import Pipeline
 from worker.processing import BatchProcessor
@@ -80,7 +81,7 @@ def post_messages(texts: list[str], repeat: int = 1) -> list[tuple[bytes | None,
 async def _prepare(settings: WorkerSettings, partitions: int) -> None:
     t = settings.topics
     await ensure_topics(settings.kafka, [t.input], partitions)
-    await ensure_topics(settings.kafka, [t.enriched, t.review, t.dead_letter], partitions)
+    await ensure_topics(settings.kafka, output_topics(settings), partitions)
 
 
 async def start_reader(

@@ -31,6 +31,7 @@ from rich.table import Table
 from worker.exit_codes import EXIT_CONFIG
 from worker.extras import missing_extra
 from worker.kafka.admin import ensure_topics
+from worker.kafka.connection import output_topics
 from worker.kafka.feed import feed_topic, read_feed
 from worker.logs import configure_logging
 from worker.pipeline import Pipeline
@@ -140,7 +141,7 @@ async def run_demo(bootstrap: str, rate: float) -> int:
     )
     t = settings.topics
     await ensure_topics(settings.kafka, [t.input], partitions=3)
-    await ensure_topics(settings.kafka, [t.enriched, t.review, t.dead_letter], partitions=1)
+    await ensure_topics(settings.kafka, output_topics(settings), partitions=1)
     posts = read_feed(SAMPLES)
     feed = posts[:150] + MALFORMED + posts[150:]
     console.print(

@@ -71,6 +71,7 @@ class EngineConfig:
     watch_top_share: float = 0.0  # fast mode: the batch's top share by MI samples fully
     int8: bool = False  # fast mode: dynamically quantised linear layers on the CPU (unfaithful)
     precision: Precision = "auto"  # see precision.py
+    feature_layer: int = 0  # >0: also average this encoder layer's output (HiddenStateTap)
 
 
 def pad(
@@ -126,6 +127,11 @@ class McDropoutEngine:
             self.sampling_model = int8_copy(classifier.model)
         elif (dtype := DTYPES.get(self.precision)) is not None:  # only with float parameters
             self.sampling_model = low_precision_copy(classifier.model, dtype)
+        self.features = (
+            HiddenStateTap.on(self.sampling_model, config.feature_layer)
+            if config.feature_layer
+            else None
+        )
 
     @property
     def n_samples(self) -> int:
@@ -212,9 +218,65 @@ class McDropoutEngine:
                 probs = self.classifier.adapter.probabilities(
                     model, ids.repeat(k, 1), mask.repeat(k, 1)
                 )
-                acc.add(index.repeat(k), probs)
+                rows_k = index.repeat(k)
+                acc.add(rows_k, probs)
+                if self.features is not None:
+                    pooled = self.features.pooled(mask.repeat(k, 1))
+                    if pooled is not None:
+                        acc.add_features(rows_k, pooled)
                 remaining -= k
 
+
+class HiddenStateTap:
+    """The output of one encoder layer, caught on every forward pass: the post's representation
+    for the density signal (``worker/ood/density.py``) at no extra pass.
+
+    ``layer`` counts from 1 (the first encoder layer's output; the middle layer is what the
+    density signal uses). The encoder's layers are the model's ``nn.ModuleList`` with
+    ``config.num_hidden_layers`` entries; a model without one (ONNX) has no features. One tap per
+    model and layer, shared by its engines (each confined to its thread, like the model's
+    passes)."""
+
+    def __init__(self, model: nn.Module, layer: int) -> None:
+        self._last: torch.Tensor | None = None
+        layers = encoder_layers(model)
+        self.available = layers is not None and 1 <= layer <= len(layers)
+        if layers is not None and self.available:
+            layers[layer - 1].register_forward_hook(self._catch)
+
+    @classmethod
+    def on(cls, model: nn.Module, layer: int) -> HiddenStateTap:
+        taps = _TAPS.setdefault(model, {})
+        if layer not in taps:
+            taps[layer] = cls(model, layer)
+        return taps[layer]
+
+    def _catch(self, module: nn.Module, inputs: object, output: object) -> None:
+        x = output[0] if isinstance(output, tuple) and output else output
+        self._last = x if isinstance(x, torch.Tensor) else None
+
+    def pooled(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """The last pass's hidden states averaged over each row's tokens (``mask``: rows x
+        width), (rows, D) in float32; None when the pass gave none of that shape."""
+        x, self._last = self._last, None
+        if x is None or x.ndim != 3 or x.shape[:2] != mask.shape:
+            return None
+        weights = mask.unsqueeze(-1).to(torch.float32)
+        return (x.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def encoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The model's list of encoder layers, or None."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not isinstance(n, int):
+        return None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    return None
+
+
+_TAPS: weakref.WeakKeyDictionary[nn.Module, dict[int, HiddenStateTap]] = weakref.WeakKeyDictionary()
 
 CPU_TOKENS_PER_FORWARD = 1024
 GPU_TOKENS_PER_FORWARD = 131_072

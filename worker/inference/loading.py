@@ -51,6 +51,7 @@ from worker.inference.onnx_models import (
     open_session,
     sentence_transformers_pooling,
 )
+from worker.ood.calibration import OodCalibration, read_calibration
 from worker.settings import ModelSettings
 
 TRUST_ENV = "EMOWORKER_MODEL__TRUST_REMOTE_CODE"
@@ -77,6 +78,7 @@ class Classifier:
     max_length: int
     adapter: OutputAdapter
     recommended_n_samples: int | None = None
+    ood: OodCalibration | None = None  # the OOD calibration the model folder carries
 
     @property
     def supports_mc(self) -> bool:
@@ -314,6 +316,11 @@ def load_classifier(settings: ModelSettings) -> Classifier:
     )
     _probe(classifier, adapter)
     classifier.thresholds = _thresholds(settings, adapter, loaded, label_names)
+    if loaded.folder is not None:
+        try:
+            classifier.ood = read_calibration(loaded.folder)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ModelLoadError(f"{loaded.folder}: unreadable OOD calibration: {exc}") from exc
     return classifier
 
 

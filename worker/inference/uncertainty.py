@@ -53,6 +53,7 @@ class McAccumulator:
         self.sum_sq = self._zeros(n_posts, n_labels)
         self.sum_entropy = self._zeros(n_posts)
         self.above = self._zeros(n_posts, n_labels)
+        self.feature_sum: torch.Tensor | None = None  # (n_posts, D), when features are added
 
     def _zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float64, device=self.device)
@@ -76,6 +77,14 @@ class McAccumulator:
         self.sum_sq.index_add_(0, rows, centred * centred)
         self.sum_entropy.index_add_(0, rows, binary_entropy(p).sum(dim=1))
         self.above.index_add_(0, rows, (p >= self.thresholds).to(torch.float64))
+
+    def add_features(self, rows: torch.Tensor, features: torch.Tensor) -> None:
+        """Add one sample of the posts' representations (len(rows), D) (``ood/density.py``);
+        call it with the same ``rows`` as ``add``, so that their counts agree."""
+        f = features.detach().to(self.device, torch.float64)
+        if self.feature_sum is None:
+            self.feature_sum = self._zeros(len(self.count), f.shape[1])
+        self.feature_sum.index_add_(0, rows.to(self.device), f)
 
     def mean(self) -> torch.Tensor:
         return self.shift + self.sum / self.count.clamp(min=1).unsqueeze(1)
@@ -105,6 +114,11 @@ class McAccumulator:
             expected_entropy=expected.cpu().numpy(),
             mutual_information=(predictive - expected).clamp(min=0).cpu().numpy(),
             flip_rate=flip.cpu().numpy(),
+            features=(
+                None
+                if self.feature_sum is None
+                else (self.feature_sum / n.unsqueeze(1)).cpu().numpy()
+            ),
         )
 
 
@@ -119,6 +133,7 @@ class McSummary:
     expected_entropy: np.ndarray  # (B,)
     mutual_information: np.ndarray  # (B,)
     flip_rate: np.ndarray  # (B, L)
+    features: np.ndarray | None = None  # (B, D): the head's input, mean over the samples
 
     def __len__(self) -> int:
         return len(self.mean)

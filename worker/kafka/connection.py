@@ -131,11 +131,19 @@ async def _refuse_login(settings: WorkerSettings, exc: BaseException) -> None:
         ) from exc
 
 
+def output_topics(settings: WorkerSettings) -> list[str]:
+    """The topics the worker publishes to (the unsupported one only under ``ood.action=topic``)."""
+    topics = settings.topics
+    names = [topics.enriched, topics.review, topics.dead_letter]
+    if settings.ood.enabled and settings.ood.action == "topic":
+        names.append(topics.unsupported)
+    return names
+
+
 async def output_limits(settings: WorkerSettings, n_labels: int) -> TopicLimits:
     """The output topics' record limits; refuses to start when an ordinary post's event cannot
     fit, warns when the largest one the input limits allow cannot."""
-    topics = settings.topics
-    limits = await read_topic_limits(settings, [topics.enriched, topics.review, topics.dead_letter])
+    limits = await read_topic_limits(settings, output_topics(settings))
     try:
         warnings = check_limits(limits, settings, n_labels)
     except LimitsTooSmall as exc:

@@ -87,7 +87,7 @@ def check_limits(limits: TopicLimits, settings: WorkerSettings, n_labels: int) -
     ordinary = overhead + ORDINARY_TEXT_CHARS * 4 + 2 * MAX_ID_CHARS + RECORD_OVERHEAD_BYTES
     largest = overhead + largest_post_bytes(settings) + RECORD_OVERHEAD_BYTES
     warnings: list[str] = []
-    for topic in (settings.topics.enriched, settings.topics.review):
+    for topic in (settings.topics.enriched, settings.topics.review, settings.topics.unsupported):
         limit = limits.limit_of(topic)
         if limit is None:
             continue

@@ -21,7 +21,15 @@ Rules (each adds a ``ReviewReason``):
   standard deviations of its threshold, or its mean reaches ``watch_min_probability``. Always
   routed, even when the budget would not route the post;
 * ``low_confidence_neutral``: neutral is the only predicted label and its mean is below the cut;
-* ``budget``: the review score is in the top share the budget allows (see ``budget.py``).
+* ``budget``: the review score is in the top share the budget allows (see ``budget.py``);
+* ``out_of_distribution``: the post is unlike anything the model was trained on (another language,
+  code, log lines, links: ``worker/ood``); the reason names the signal. What follows is
+  ``OodSettings.action``: ``review`` routes it past the score budget (like a watch-listed label,
+  but under its own per-minute cap, and not counted in the budget: a flood of foreign spam
+  neither swamps reviewers nor crowds out the uncertain posts the budget would route; its score
+  does not enter the budget's window either, since it ranks nothing for such a post); ``topic``
+  sends it to the unsupported topic instead of review (also outside the budget); ``tag`` only
+  marks its event and leaves the routing as it would be.
 
 Without a budget (``target_rate`` and ``max_per_minute`` both empty) a post is routed exactly when
 a rule fires. With a budget the score decides (watch-listed posts excepted) and the other rules
@@ -46,10 +54,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from schemas import ReviewReason
 from worker.inference.uncertainty import STD_FLOOR, McSummary
+from worker.ood.scorer import OodBatch
 from worker.routing.budget import BudgetDecision, ReviewBudget
-from worker.settings import ReviewSettings
+from worker.routing.rate_cap import RateCap
+from worker.settings import OodSettings, ReviewSettings
 
 MAX_LABEL_REASONS = 3
+OOD_PRIORITY = 50  # a post routed as out of distribution: its review score ranks nothing
 
 ScoreKind = Literal[
     "threshold_distance", "expected_risk", "mutual_information", "predictive_entropy"
@@ -161,6 +172,7 @@ class ReviewDecision:
     reasons: list[ReviewReason]
     routed: bool
     priority: int
+    ood: str | None = None  # a flagged post's outcome: review, capped, tag or topic
 
 
 def predicted_mask(mean: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -245,8 +257,12 @@ class ReviewPolicy:
         label_names: list[str],
         thresholds: np.ndarray,
         budget: ReviewBudget | None = None,
+        ood: OodSettings | None = None,
+        ood_cap: RateCap | None = None,
     ) -> None:
         self.settings = settings
+        self.ood_settings = ood or OodSettings()
+        self.ood_cap = ood_cap or RateCap(self.ood_settings.max_per_minute)
         self.config = config = load_policy(settings)
         self.label_names = list(label_names)
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
@@ -430,14 +446,45 @@ class ReviewPolicy:
         return self._neutral_fires(mean, predicted)
 
     def decide_all(
-        self, summary: McSummary, predicted: list[list[int]], scores: np.ndarray
+        self,
+        summary: McSummary,
+        predicted: list[list[int]],
+        scores: np.ndarray,
+        ood: OodBatch | None = None,
     ) -> list[ReviewDecision]:
         """``decide`` for every post of a batch, in order (the budget sees them in order)."""
         ambiguous = self.ambiguous_rows(summary).tolist() if len(predicted) else []
+        flagged = ood.flagged.tolist() if ood is not None else [False] * len(predicted)
         return [
-            self.decide(summary, i, labels, float(scores[i]), ambiguous=ambiguous[i])
+            self.decide(
+                summary,
+                i,
+                labels,
+                float(scores[i]),
+                ambiguous=ambiguous[i],
+                ood=ood_reason(ood, i) if flagged[i] and ood is not None else None,
+            )
             for i, labels in enumerate(predicted)
         ]
+
+    def _decide_ood(
+        self,
+        summary: McSummary,
+        i: int,
+        predicted: list[int],
+        score: float,
+        ambiguous: bool | None,
+        reason: ReviewReason,
+    ) -> ReviewDecision:
+        """A flagged post under the review or topic action: outside the score budget."""
+        if self.ood_settings.action == "topic":
+            return ReviewDecision(score, [], routed=False, priority=0, ood="topic")
+        if not self.ood_cap.take():
+            return ReviewDecision(score, [], routed=False, priority=0, ood="capped")
+        reasons = [reason, *self.rules(summary, i, predicted, ambiguous)]
+        watched = any(r.rule == "watch_label" for r in reasons)
+        priority = 100 if watched else OOD_PRIORITY
+        return ReviewDecision(score, reasons, routed=True, priority=priority, ood="review")
 
     def decide(
         self,
@@ -446,13 +493,22 @@ class ReviewPolicy:
         predicted: list[int],
         score: float,
         ambiguous: bool | None = None,
+        ood: ReviewReason | None = None,
     ) -> ReviewDecision:
-        """Route post ``i`` or not; a routed post carries every reason that applies to it."""
+        """Route post ``i`` or not; a routed post carries every reason that applies to it.
+        ``ood``: the post is flagged out of distribution, for this reason."""
+        if ood is not None and self.ood_settings.action != "tag":
+            return self._decide_ood(summary, i, predicted, score, ambiguous, ood)
+        outcome = None if ood is None else "tag"
         forced = self.forced(summary, i, predicted, ambiguous)
         verdict: BudgetDecision = self.budget.decide(score, forced=forced)
         if not verdict.routed:
-            return ReviewDecision(score=score, reasons=[], routed=False, priority=verdict.priority)
+            return ReviewDecision(
+                score=score, reasons=[], routed=False, priority=verdict.priority, ood=outcome
+            )
         reasons = self.rules(summary, i, predicted, ambiguous)
+        if ood is not None:
+            reasons.insert(0, ood)
         if not forced:
             warming = (
                 f"; estimate from the first {self.budget.seen} posts" if verdict.warming_up else ""
@@ -475,5 +531,42 @@ class ReviewPolicy:
         # watch-listed posts are the ones a team must never miss: they go to the front
         watched = any(r.rule == "watch_label" for r in reasons)
         return ReviewDecision(
-            score=score, reasons=reasons, routed=True, priority=100 if watched else verdict.priority
+            score=score,
+            reasons=reasons,
+            routed=True,
+            priority=100 if watched else verdict.priority,
+            ood=outcome,
         )
+
+
+def ood_reason(batch: OodBatch, i: int) -> ReviewReason:
+    """Why post ``i`` of ``batch`` is flagged out of distribution, naming the signal."""
+    signal = batch.fired[i] or "language"
+    x = float(batch.signals[signal][i])
+    value, cut = _round(batch.score[i]), _round(batch.cut)
+    if signal == "language":
+        verdict = batch.languages[i] if batch.languages is not None else None
+        language = verdict.language if verdict is not None else "?"
+        how = "declared by the producer" if verdict and verdict.source == "producer" else "detected"
+        message = (
+            f"unsupported language: {language} ({how}); the model reads "
+            f"{', '.join(batch.supported_languages)}"
+        )
+    elif signal == "density":
+        message = (
+            f"unfamiliar text: its representation lies far from the training posts' (density "
+            f"{x:,.0f}; 99 % of in-distribution posts are below {batch.high(signal):,.0f})"
+        )
+    elif signal == "tokens_per_word":
+        message = (
+            f"unfamiliar text: {x:.1f} word pieces per word (99 % of in-distribution posts: "
+            f"{batch.high(signal):.1f} or fewer)"
+        )
+    else:
+        message = (
+            f"unfamiliar text: {x:.0%} of its word pieces are unknown to the model's vocabulary "
+            f"(99 % of in-distribution posts: {batch.high(signal):.0%} or fewer)"
+        )
+    return ReviewReason(
+        rule="out_of_distribution", signal=signal, value=value, cut=cut, message=message
+    )

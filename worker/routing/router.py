@@ -10,6 +10,7 @@ an ``orjson.Fragment``. Tests validate the events against the pydantic models.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,7 +21,8 @@ from pydantic import TypeAdapter
 
 from schemas import SCHEMA_VERSION, SocialPost
 from worker.inference.uncertainty import McSummary
-from worker.routing.policy import ReviewPolicy, predicted_mask
+from worker.ood.scorer import OodBatch
+from worker.routing.policy import ReviewDecision, ReviewPolicy, predicted_mask
 
 
 @dataclass
@@ -31,6 +33,12 @@ class RoutedPost:
     post_id: str
     enriched: dict[str, Any]
     review: dict[str, Any] | None
+    ood: str | None = None  # a flagged post's outcome: review, capped, tag or topic
+
+    @property
+    def unsupported(self) -> bool:
+        """Out of distribution, for the unsupported topic (``ood.action=topic``)."""
+        return self.ood == "topic"
 
     def enriched_bytes(self) -> bytes:
         return orjson.dumps(self.enriched)
@@ -158,6 +166,41 @@ def _r(x: float, digits: int = 6) -> float:
     return round(float(x), digits)
 
 
+OOD_SIGNALS = ("language", "density", "tokens_per_word", "unknown_share")
+
+
+def ood_events(ood: OodBatch | None, decisions: list[ReviewDecision]) -> list[Any]:
+    """Per post, the ``uncertainty.ood`` object (``schemas.OodSummary``), or None without OOD."""
+    if ood is None:
+        return [None] * len(decisions)
+    missing = [None] * len(decisions)
+    columns = {  # NaN (not measured for a post) as None
+        name: [None if math.isnan(v) else v for v in _rounded(ood.signals[name], 4)]
+        if name in ood.signals
+        else missing
+        for name in OOD_SIGNALS
+    }
+    scores = _rounded(ood.score, 4)
+    flagged = ood.flagged.tolist()
+    cut = _r(ood.cut, 4)
+    out = []
+    for i, decision in enumerate(decisions):
+        verdict = ood.languages[i] if ood.languages is not None else None
+        out.append(
+            {
+                "score": scores[i],
+                "cut": cut,
+                "flagged": flagged[i],
+                "signal": ood.fired[i],
+                "action": decision.ood,
+                "language": verdict.language if verdict is not None else None,
+                "language_source": verdict.source if verdict is not None else None,
+                "signals": {name: column[i] for name, column in columns.items()},
+            }
+        )
+    return out
+
+
 class Router:
     def __init__(
         self,
@@ -179,6 +222,7 @@ class Router:
         posts: list[SocialPost],
         sources: list[dict[str, Any] | None],
         summary: McSummary,
+        ood: OodBatch | None = None,
     ) -> list[RoutedPost]:
         scores = self.policy.scores(summary)
         processed_at = now_rfc3339()
@@ -191,7 +235,8 @@ class Router:
         mean = np.asarray(summary.mean, dtype=np.float64)
         predicted = predicted_mask(mean, self.thresholds)
         predicted_lists = _most_probable_first(mean, predicted)
-        decisions = self.policy.decide_all(summary, predicted_lists, scores)
+        decisions = self.policy.decide_all(summary, predicted_lists, scores, ood)
+        ood_objects = ood_events(ood, decisions)
         sampled_array = np.asarray(summary.n_samples) > 1
         sampled_posts = sampled_array.tolist()
         emotions_json = self.emotions.encode(
@@ -216,6 +261,7 @@ class Router:
                 "review_score": _r(decision.score) if scored else None,
                 "max_flip_rate": max_flip_rates[i] if sampled else None,
                 "n_samples": n_samples[i],
+                "ood": ood_objects[i],
             }
             reasons = [r.model_dump(mode="json") for r in decision.reasons]
             post_dict = post_dicts[i]
@@ -252,5 +298,12 @@ class Router:
                     "worker_id": self.worker_id,
                     "source": sources[i],
                 }
-            out.append(RoutedPost(post_id=post.id, enriched=enriched, review=review))
+            out.append(
+                RoutedPost(
+                    post_id=post.id,
+                    enriched=enriched,
+                    review=review,
+                    ood=decision.ood,
+                )
+            )
         return out

@@ -14,9 +14,11 @@ from typing import Any
 
 from worker.inference.engine import EngineConfig, engine_precision
 from worker.inference.loading import Classifier, load_classifier
-from worker.settings import ModelSettings
+from worker.processing import ood_scorer
+from worker.settings import ModelSettings, WorkerSettings
 from worker.training.evaluation import predict_texts
 from worker.training.goemotions import LabelledSplit, read_label_names, read_tsv
+from worker.training.ood_report import ood_markdown, ood_report
 from worker.training.report import evaluate_predictions, markdown_report
 
 
@@ -46,12 +48,15 @@ def run_evaluation(
     *,
     seed: int = 0,
     progress: Callable[[int], Any] | None = None,
+    ood_files: list[Path] | None = None,
+    settings: WorkerSettings | None = None,
 ) -> str:
     """Score ``classifier`` on ``split`` (read from ``data``) with ``model.n_samples`` MC samples
     seeded by ``seed`` and with one deterministic pass; write report.json, report.md,
     reliability.png, f1_rejection.png and probability_vs_uncertainty.png into ``output_dir``;
     return the markdown report. ``progress(k)``: k more posts done (each pass counts them once:
-    twice the posts in all)."""
+    twice the posts in all). ``ood_files``: also the OOD report (``ood_report.py``) of those
+    files against ``split``, with the OOD and review settings of ``settings``."""
     from worker.training.plots import (
         probability_uncertainty_scatter,
         rejection_curves,
@@ -60,15 +65,16 @@ def run_evaluation(
 
     names = classifier.label_names
     n = model.n_samples
-    mc = predict_texts(
-        classifier,
-        split.texts,
+    settings = settings or WorkerSettings(model=model)
+    scorer = ood_scorer(classifier, settings) if ood_files else None
+    engine = EngineConfig(
         n_samples=n,
         mode=model.mc_mode,
         seed=seed,
         precision=model.precision,
-        progress=progress,
+        feature_layer=scorer.feature_layer if scorer is not None else 0,
     )
+    mc = predict_texts(classifier, split.texts, engine_config=engine, progress=progress)
     det = predict_texts(
         classifier, split.texts, mode="off", precision=model.precision, progress=progress
     )
@@ -88,7 +94,16 @@ def run_evaluation(
         ),
     }
     report["data"] = str(data)
+    if scorer is not None and ood_files:
+        id_batch = scorer.score(
+            split.texts, [None] * len(split), classifier.tokenize(split.texts), mc.features
+        )
+        report["ood"] = ood_report(
+            classifier, settings, scorer, engine, (id_batch, mc), ood_files, progress
+        )
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = markdown_report(report, f"{classifier.name} on {data.name}")
+    if "ood" in report:
+        markdown += "\n" + ood_markdown(report["ood"])
     (output_dir / "report.md").write_text(markdown)
     return markdown

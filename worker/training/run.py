@@ -15,10 +15,13 @@ import numpy as np
 import torch
 
 from worker.inference.adapters import OutputAdapter
+from worker.inference.engine import EngineConfig
 from worker.inference.loading import Classifier
+from worker.ood.calibration import write_calibration
 from worker.training.evaluation import calibration_report, predict_texts
 from worker.training.export import WeightsKind, export_bundle
 from worker.training.goemotions import LabelledSplit, load_dataset_dir
+from worker.training.ood_fit import fit_ood, middle_layer
 from worker.training.train import TrainConfig, TrainResult, train
 
 CHECKPOINT_DIR = "checkpoint"  # inside the bundle folder while training runs
@@ -125,7 +128,7 @@ def run_training(
     )
     log(f"best: {result.best.line()}")
     metrics = calibrate_and_export(
-        result, names, data_dir, len(train_split), dev_split, output, kind, n_samples, log
+        result, names, data_dir, train_split, dev_split, output, kind, n_samples, log
     )
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     return metrics
@@ -135,20 +138,28 @@ def calibrate_and_export(
     result: TrainResult,
     names: list[str],
     data_dir: Path,
-    n_train: int,
+    train_split: LabelledSplit,
     dev_split: LabelledSplit,
     output: Path,
     kind: WeightsKind,
     n_samples: int,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Thresholds from MC Dropout means on dev, dev figures, and the bundle with its card."""
+    """Thresholds from MC Dropout means on dev, the OOD calibration (``ood_fit.py``), dev
+    figures, and the bundle with its card."""
     config = result.config
     started = time.perf_counter()
     classifier = classifier_from(result, names)
     deterministic = predict_texts(classifier, dev_split.texts, mode="off")
     log(f"calibrating thresholds on dev with MC Dropout (N = {n_samples})")
-    mc = predict_texts(classifier, dev_split.texts, n_samples=n_samples, mode="full", seed=0)
+    engine = EngineConfig(
+        n_samples=n_samples, mode="full", seed=0, feature_layer=middle_layer(classifier)
+    )
+    mc = predict_texts(classifier, dev_split.texts, engine_config=engine)
+    log("fitting the out-of-distribution signals (density on train, references on dev)")
+    ood = fit_ood(
+        classifier, train_split.texts, train_split.targets, dev_split.texts, engine, dev_summary=mc
+    )
     report = calibration_report(dev_split.targets, mc.mean)
     det_report = calibration_report(dev_split.targets, deterministic.mean)
     metrics = {
@@ -165,7 +176,7 @@ def calibrate_and_export(
         "calibration_seconds": round(time.perf_counter() - started, 1),
         "hardware": hardware(),
         "training_data": str(data_dir),
-        "train_posts": n_train,
+        "train_posts": len(train_split),
         "dev_posts": len(dev_split),
     }
     export_bundle(
@@ -182,6 +193,7 @@ def calibrate_and_export(
         mc_mode="full",
         max_length=config.max_length,
     )
+    write_calibration(output, ood)
     history = [h.__dict__ for h in result.history]
     (output / "training_history.json").write_text(json.dumps(history, indent=1) + "\n")
     write_card(output, config, metrics, kind)
