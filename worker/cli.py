@@ -32,6 +32,8 @@ data_app = typer.Typer(
     help="Fetch the data sets that train, evaluate and bench read.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
+bundle_app = typer.Typer(help="Build model bundles from trained ones.", no_args_is_help=True)
+app.add_typer(bundle_app, name="bundle")
 err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -712,6 +714,40 @@ def bench(
             else f"benchmark posts {options.data} not found: pass --data FILE.tsv"
         )
     run_bench(options, log=err.print)
+
+
+@bundle_app.command("combine")
+@one_line_errors
+def bundle_combine(
+    members: Annotated[list[Path], typer.Argument(help="Bundles trained apart (two or more).")],
+    output: Annotated[Path, typer.Option(help="Ensemble bundle folder to write.")] = Path(
+        "runs/ensemble"
+    ),
+    data: Annotated[
+        Path | None,
+        typer.Option(help=f"Folder with train.tsv and dev.tsv; default: {FETCHED}."),
+    ] = None,
+    n_samples: Annotated[
+        int, typer.Option(help="MC samples per post in all, split evenly over the members.")
+    ] = 30,
+) -> None:
+    """An ensemble bundle: the members' weights side by side, thresholds and the OOD calibration
+    from the ensemble's MC means on dev."""
+    require_extra("train", "emoworker bundle combine")
+    from worker.datasets import default_data_dir, missing_data_message
+    from worker.training.ensemble import combine_bundles
+
+    folder = data if data is not None else default_data_dir()
+    if not (folder / "train.tsv").is_file() or not (folder / "dev.tsv").is_file():
+        raise CliError(missing_data_message(folder))
+    if output.resolve() in {m.resolve() for m in members}:
+        raise CliError("--output must not be one of the members")
+    metrics = combine_bundles(members, output, folder, n_samples, log=err.print)
+    err.print(
+        f"ensemble of {len(members)} written to {output} ({metrics['bundle_bytes'] / 1e6:.1f} MB):"
+        f" dev macro-F1 {metrics['mc_macro_f1_split_half']:.4f} with thresholds tuned on the "
+        "other half of dev"
+    )
 
 
 @data_app.command("ood-sets")

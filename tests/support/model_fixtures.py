@@ -34,3 +34,19 @@ def build_test_model(
     model.save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(base).save_pretrained(folder)
     return folder
+
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "goemotions"  # slices: see its README
+
+
+def tiny_dataset(
+    folder: Path, n_train: int = 48, n_dev: int = 32, labels: tuple[str, ...] = GOEMOTIONS_LABELS
+) -> Path:
+    """A GoEmotions-format folder of the first ``n_train`` + ``n_dev`` lines of the shipped
+    train slice (smoke training)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = (DATA / "train.tsv").read_text(encoding="utf-8").splitlines()
+    (folder / "train.tsv").write_text("\n".join(lines[:n_train]) + "\n", encoding="utf-8")
+    (folder / "dev.tsv").write_text("\n".join(lines[n_train : n_train + n_dev]) + "\n")
+    (folder / "labels.txt").write_text("\n".join(labels) + "\n")
+    return folder

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.metrics import f1_score, precision_recall_fscore_support
+from support.model_fixtures import tiny_dataset
 
 from schemas.labels import GOEMOTIONS_LABELS
 from worker.bundle import BundleManifest, default_bundle_path, read_thresholds, write_thresholds
@@ -40,15 +41,6 @@ DATA = REPO / "tests" / "data" / "goemotions"  # slices of the official splits: 
 DEFAULT_BUNDLE_FLOOR = 0.49
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def tiny_dataset(folder: Path, n_train: int = 48, n_dev: int = 32) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = (DATA / "train.tsv").read_text(encoding="utf-8").splitlines()
-    (folder / "train.tsv").write_text("\n".join(lines[:n_train]) + "\n", encoding="utf-8")
-    (folder / "dev.tsv").write_text("\n".join(lines[n_train : n_train + n_dev]) + "\n")
-    (folder / "labels.txt").write_text("\n".join(GOEMOTIONS_LABELS) + "\n")
-    return folder
 
 
 @pytest.mark.parametrize("weights", ["lora", "delta"])

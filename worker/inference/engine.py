@@ -119,23 +119,40 @@ class McDropoutEngine:
         self.thresholds = torch.as_tensor(
             classifier.thresholds, dtype=torch.float64, device=self.device
         )
-        if classifier.device.type == "cpu" and config.fast_dropout and self.mode != "off":
-            install_fast_dropout(classifier.model)
         self.precision = engine_precision(classifier, config, self.mode)
-        self.sampling_model: nn.Module = classifier.model
-        if uses_int8(classifier, config, self.mode):
-            self.sampling_model = int8_copy(classifier.model)
-        elif (dtype := DTYPES.get(self.precision)) is not None:  # only with float parameters
-            self.sampling_model = low_precision_copy(classifier.model, dtype)
+        # the models the samples come from: one, or an ensemble's members (N split evenly)
+        self.sampling_models = [self._sampling_copy(m) for m in classifier.models]
         self.features = (
             HiddenStateTap.on(self.sampling_model, config.feature_layer)
             if config.feature_layer
             else None
         )
+        self._turn = 0  # the member the next odd sample comes from (see _sample_members)
+
+    @property
+    def sampling_model(self) -> nn.Module:
+        """The (first) model the samples come from; assigning replaces it (the GPU bench puts a
+        compiled twin there)."""
+        return self.sampling_models[0]
+
+    @sampling_model.setter
+    def sampling_model(self, model: nn.Module) -> None:
+        self.sampling_models[0] = model
+
+    def _sampling_copy(self, model: nn.Module) -> nn.Module:
+        classifier, config = self.classifier, self.config
+        if classifier.device.type == "cpu" and config.fast_dropout and self.mode != "off":
+            install_fast_dropout(model)
+        if uses_int8(classifier, config, self.mode):
+            return int8_copy(model)
+        if (dtype := DTYPES.get(self.precision)) is not None:  # only with float parameters
+            return low_precision_copy(model, dtype)
+        return model
 
     @property
     def n_samples(self) -> int:
-        return 1 if self.mode == "off" else self.config.n_samples
+        """Samples per post: N, or in ``off`` mode one deterministic pass per model."""
+        return len(self.sampling_models) if self.mode == "off" else self.config.n_samples
 
     def predict(self, token_ids: list[list[int]]) -> McSummary:
         """MC statistics for each post, in input order."""
@@ -146,34 +163,50 @@ class McDropoutEngine:
             return acc.summary()
         if self.config.seed is not None:
             torch.manual_seed(self.config.seed)
+        rows = list(range(len(token_ids)))
         with torch.inference_mode(), autocast(self.precision, self.classifier.device):
-            model = self.sampling_model
             if self.mode == "off":
-                set_mc_dropout(model, False)
-                self._sample(model, token_ids, list(range(len(token_ids))), 1, acc)
-            else:
+                for model in self.sampling_models:
+                    set_mc_dropout(model, False)
+                    self._sample(model, token_ids, rows, 1, acc)
+                return acc.summary()
+            for model in self.sampling_models:
                 set_mc_dropout(model, True)
-                try:
-                    if self.mode == "full":
-                        rows = list(range(len(token_ids)))
-                        self._sample(model, token_ids, rows, self.n_samples, acc)
-                    else:
-                        self._adaptive(model, token_ids, acc)
-                finally:
+            try:
+                if self.mode == "full":
+                    self._sample_members(token_ids, rows, self.n_samples, acc)
+                else:
+                    self._adaptive(token_ids, acc)
+            finally:
+                for model in self.sampling_models:
                     model.eval()
         return acc.summary()
 
-    def _adaptive(self, model: nn.Module, token_ids: list[list[int]], acc: McAccumulator) -> None:
+    def _sample_members(
+        self, token_ids: list[list[int]], rows: list[int], n: int, acc: McAccumulator
+    ) -> None:
+        """``n`` samples for each post in ``rows``, split evenly over the models; the odd ones
+        go round the members in turn (so across fast mode's rounds too)."""
+        k = len(self.sampling_models)
+        shares = [n // k] * k
+        for j in range(n % k):
+            shares[(self._turn + j) % k] += 1
+        self._turn = (self._turn + n % k) % k
+        for model, share in zip(self.sampling_models, shares, strict=True):
+            if share:
+                self._sample(model, token_ids, rows, share, acc)
+
+    def _adaptive(self, token_ids: list[list[int]], acc: McAccumulator) -> None:
         rounds = sample_rounds(self.config.first_samples, self.n_samples, self.config.growth)
         active = list(range(len(token_ids)))
-        self._sample(model, token_ids, active, rounds[0], acc)
+        self._sample_members(token_ids, active, rounds[0], acc)
         watched = set(self.most_uncertain(acc, len(token_ids)))
         for drawn, target in itertools.pairwise(rounds):
             undecided = self.undecided(acc, active)
             active = [i for i, u in zip(active, undecided, strict=True) if u or i in watched]
             if not active:
                 break
-            self._sample(model, token_ids, active, target - drawn, acc)
+            self._sample_members(token_ids, active, target - drawn, acc)
 
     def undecided(self, acc: McAccumulator, rows: list[int]) -> list[bool]:
         """Posts whose predicted label set could still change with more samples."""
@@ -220,7 +253,7 @@ class McDropoutEngine:
                 )
                 rows_k = index.repeat(k)
                 acc.add(rows_k, probs)
-                if self.features is not None:
+                if self.features is not None and model is self.sampling_model:
                     pooled = self.features.pooled(mask.repeat(k, 1))
                     if pooled is not None:
                         acc.add_features(rows_k, pooled)

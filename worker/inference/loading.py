@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,12 @@ class Classifier:
     adapter: OutputAdapter
     recommended_n_samples: int | None = None
     ood: OodCalibration | None = None  # the OOD calibration the model folder carries
+    members: list[nn.Module] = field(default_factory=list)  # an ensemble's models, ``model`` first
+
+    @property
+    def models(self) -> list[nn.Module]:
+        """The models whose samples make a post's statistics: the ensemble's, or ``model``."""
+        return self.members or [self.model]
 
     @property
     def supports_mc(self) -> bool:
@@ -105,6 +111,16 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _member_files(folder: Path, manifest: BundleManifest) -> list[Path]:
+    """An ensemble's weight files (its members' folders)."""
+    return [
+        f
+        for member, _ in manifest.member_folders(folder)
+        if member != folder
+        for f in sorted(member.glob("*.safetensors"))
+    ]
 
 
 def _weights_digest(folder: Path, extra: list[Path] | None = None) -> str | None:
@@ -244,6 +260,7 @@ class _Loaded:
     hub_repo: str | None = None
     recommended_n_samples: int | None = None
     max_length: int | None = None
+    members: list[nn.Module] | None = None  # an ensemble's models (the first is ``model``)
 
 
 def load_classifier(settings: ModelSettings) -> Classifier:
@@ -273,14 +290,15 @@ def load_classifier(settings: ModelSettings) -> Classifier:
             loaded = _load_encoder_with_head(settings, adapter, local, device)
         elif local is not None and is_bundle(local):
             manifest = BundleManifest.read(local)
-            model, tokenizer = _load_bundle(local, manifest, settings, adapter)
+            models, tokenizer = _load_bundle(local, manifest, settings, adapter)
             loaded = _Loaded(
-                model,
+                models[0],
                 tokenizer,
-                _weights_digest(local),
+                _weights_digest(local, _member_files(local, manifest)),
                 local,
                 recommended_n_samples=manifest.recommended_n_samples,
                 max_length=manifest.max_length,
+                members=models,
             )
         elif local is not None:
             model, tokenizer = _load_hf(str(local), settings, adapter)
@@ -291,9 +309,10 @@ def load_classifier(settings: ModelSettings) -> Classifier:
             loaded = _Loaded(model, tokenizer, revision, None, hub_repo=name)
 
         model = loaded.model
-        adapter.prepare(model, loaded.folder)
-        model.to(device)
-        model.eval()
+        for member in loaded.members or [model]:
+            adapter.prepare(member, loaded.folder)
+            member.to(device)
+            member.eval()
         label_names = adapter.label_names(model)
     except (AdapterSpecError, OnnxModelError) as exc:
         raise ModelLoadError(f"{name}: {exc}") from exc
@@ -313,6 +332,7 @@ def load_classifier(settings: ModelSettings) -> Classifier:
         max_length=max_length,
         adapter=adapter,
         recommended_n_samples=loaded.recommended_n_samples,
+        members=loaded.members or [],
     )
     _probe(classifier, adapter)
     classifier.thresholds = _thresholds(settings, adapter, loaded, label_names)
@@ -520,17 +540,32 @@ def _load_encoder_with_head(
 
 def _load_bundle(
     folder: Path, manifest: BundleManifest, settings: ModelSettings, adapter: OutputAdapter
+) -> tuple[list[nn.Module], Any]:
+    """The bundle's models (one, or an ensemble's members in order) and the tokenizer."""
+    models, tokenizer = [], None
+    for member, weights in manifest.member_folders(folder):
+        model, tokenizer = _load_weights(member, weights, manifest, settings, adapter)
+        models.append(model)
+    return models, tokenizer
+
+
+def _load_weights(
+    folder: Path,
+    weights: str,
+    manifest: BundleManifest,
+    settings: ModelSettings,
+    adapter: OutputAdapter,
 ) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig
 
-    if manifest.weights == "full":
+    if weights == "full":
         return _load_hf(str(folder), settings, adapter)
-    if manifest.weights == "lora":  # peft would torch.load an adapter_model.bin
+    if weights == "lora":  # peft would torch.load an adapter_model.bin
         _refuse_pickle_weights(folder, LORA_WEIGHTS, "its LoRA adapter")
     base = resolve_base(manifest.base)
     config = AutoConfig.from_pretrained(str(folder))
     model, tokenizer = _load_hf(base, settings, adapter, config=config, complete=False)
-    if manifest.weights == "delta":
+    if weights == "delta":
         apply_delta(model, folder)
         return model, tokenizer
     from peft import PeftModel

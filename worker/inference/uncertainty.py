@@ -54,6 +54,7 @@ class McAccumulator:
         self.sum_entropy = self._zeros(n_posts)
         self.above = self._zeros(n_posts, n_labels)
         self.feature_sum: torch.Tensor | None = None  # (n_posts, D), when features are added
+        self.feature_count = self._zeros(n_posts)  # samples with features (one member's)
 
     def _zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(shape, dtype=torch.float64, device=self.device)
@@ -80,11 +81,15 @@ class McAccumulator:
 
     def add_features(self, rows: torch.Tensor, features: torch.Tensor) -> None:
         """Add one sample of the posts' representations (len(rows), D) (``ood/density.py``);
-        call it with the same ``rows`` as ``add``, so that their counts agree."""
+        an ensemble adds those of its first member only (they are that member's features)."""
         f = features.detach().to(self.device, torch.float64)
+        rows = rows.to(self.device)
         if self.feature_sum is None:
             self.feature_sum = self._zeros(len(self.count), f.shape[1])
-        self.feature_sum.index_add_(0, rows.to(self.device), f)
+        self.feature_sum.index_add_(0, rows, f)
+        self.feature_count.index_add_(
+            0, rows, torch.ones(len(rows), dtype=torch.float64, device=self.device)
+        )
 
     def mean(self) -> torch.Tensor:
         return self.shift + self.sum / self.count.clamp(min=1).unsqueeze(1)
@@ -117,7 +122,7 @@ class McAccumulator:
             features=(
                 None
                 if self.feature_sum is None
-                else (self.feature_sum / n.unsqueeze(1)).cpu().numpy()
+                else (self.feature_sum / self.feature_count.clamp(min=1).unsqueeze(1)).cpu().numpy()
             ),
         )
 

@@ -75,12 +75,16 @@ def export_bundle(
         model.save_pretrained(str(folder))  # type: ignore[operator]
         _tidy_peft_files(folder, base_reference(base_model))
     elif kind == "delta":
-        base = AutoModelForSequenceClassification.from_pretrained(
+        base, info = AutoModelForSequenceClassification.from_pretrained(
             base_model,
             config=plain.config,
             use_safetensors=True,
+            output_loading_info=True,
         )
-        stored["tensors"] = write_delta(plain, base.state_dict(), folder)
+        # the head is not in the base checkpoint: its initial values are random at every load,
+        # so it is stored whole, never as a delta from them
+        state = {k: v for k, v in base.state_dict().items() if k not in info["missing_keys"]}
+        stored["tensors"] = write_delta(plain, state, folder)
     else:
         plain.save_pretrained(folder, safe_serialization=True)  # type: ignore[operator]
         tokenizer.save_pretrained(folder)
