@@ -37,7 +37,7 @@ bench: setup
 	$(PY) -m worker.cli bench $(if $(GOEMOTIONS),--data $(GOEMOTIONS)/dev.tsv)
 
 bench-gpu: setup
-	$(PY) -m worker.bench.gpu
+	$(PY) -m worker.cli bench-gpu
 
 lint: setup
 	.venv/bin/ruff format --check worker schemas tests bench

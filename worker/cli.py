@@ -716,6 +716,19 @@ def bench(
     run_bench(options, log=err.print)
 
 
+@app.command(
+    "bench-gpu", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+@one_line_errors
+def bench_gpu(ctx: typer.Context) -> None:
+    """The inference benchmark sized for a CUDA GPU, no Kafka needed (options: --help of
+    python -m worker.bench.gpu: --data, --output, --model, --device, --n-samples, --quick)."""
+    require_extra("bench", "emoworker bench-gpu")
+    from worker.bench.gpu import main as gpu_main
+
+    gpu_main(list(ctx.args))
+
+
 @bundle_app.command("combine")
 @one_line_errors
 def bundle_combine(

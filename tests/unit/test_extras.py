@@ -61,10 +61,21 @@ def test_extras_are_those_of_pyproject() -> None:
 
 
 @pytest.mark.parametrize(
-    ("command", "extra"), [("train", "train"), ("evaluate", "train"), ("bench", "bench")]
+    ("command", "extra"),
+    [
+        ("train", "train"),
+        ("evaluate", "train"),
+        ("calibrate-ood", "train"),
+        ("bundle combine", "train"),
+        ("data ood-sets", "ood-sets"),
+        ("bench", "bench"),
+        ("bench-gpu", "bench"),
+    ],
 )
 def test_a_command_without_its_extra_says_what_to_install(command: str, extra: str) -> None:
-    result = emoworker_blocked(command)
+    result = emoworker_blocked(
+        *command.split(), *(["x", "y"] if command == "bundle combine" else [])
+    )
     assert result.returncode == 1, result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.stderr

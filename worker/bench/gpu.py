@@ -1,4 +1,4 @@
-"""GPU benchmark: ``make bench-gpu`` (``python -m worker.bench.gpu``).
+"""GPU benchmark: ``make bench-gpu`` (``emoworker bench-gpu``; ``python -m worker.bench.gpu``).
 
 What a GPU needs measured beyond the method table, all on the same posts in one process:
 
