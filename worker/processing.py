@@ -59,7 +59,11 @@ class BatchProcessor:
             "precision": self.engine.precision,
         }
         self.policy = ReviewPolicy(
-            settings.review, classifier.label_names, classifier.thresholds, ood=settings.ood
+            settings.review,
+            classifier.label_names,
+            classifier.thresholds,
+            ood=settings.ood,
+            selector=classifier.selector,
         )
         self.router = Router(
             self.policy,
@@ -90,8 +94,9 @@ class BatchProcessor:
         sources: list[dict[str, Any] | None],
         summary: McSummary,
         ood: OodBatch | None = None,
+        token_counts: list[int] | None = None,
     ) -> list[RoutedPost]:
-        return self.router.route(posts, sources, summary, ood)
+        return self.router.route(posts, sources, summary, ood, token_counts)
 
     def process(
         self,
@@ -108,7 +113,7 @@ class BatchProcessor:
         summary = self.infer(token_ids)
         ood = self.out_of_distribution(posts, token_ids, summary)
         t2 = time.perf_counter()
-        routed = self.route(posts, sources, summary, ood)
+        routed = self.route(posts, sources, summary, ood, [len(t) for t in token_ids])
         if timing is not None:
             timing.tokenize_s += t1 - t0
             timing.inference_s += t2 - t1

@@ -131,11 +131,17 @@ class ReviewSettings(BaseModel):
         None, description="TOML or YAML review policy; overrides the fields below when set."
     )
     score: Literal[
-        "threshold_distance", "expected_risk", "mutual_information", "predictive_entropy"
-    ] = Field(
+        "auto",
+        "learned",
+        "threshold_distance",
         "expected_risk",
-        description="What ranks posts for review (published as uncertainty.review_score); "
-        "expected_risk ranked best on GoEmotions dev (README, review routing).",
+        "mutual_information",
+        "predictive_entropy",
+    ] = Field(
+        "auto",
+        description="What ranks posts for review (published as uncertainty.review_score): auto "
+        "is learned (the model's risk selector) when its bundle has one, else expected_risk "
+        "(docs/review-routing.md).",
     )
     target_rate: float | None = Field(
         0.05,

@@ -241,8 +241,10 @@ def test_without_budget_a_post_is_routed_iff_a_rule_fired(routed_run: Any) -> No
 
 
 def test_review_score_is_the_default_expected_risk_score(routed_run: Any) -> None:
+    """The default ``auto`` is the expected risk for a model without a selector (the test
+    model has none; a bundle's learned score: test_selector.py)."""
     _, summary, thresholds, routed = routed_run
-    assert ReviewSettings().score == "expected_risk"
+    assert ReviewSettings().score == "auto"
     risk = expected_risk(summary.mean, thresholds)
     for i, r in enumerate(routed):
         assert r.enriched_event()["uncertainty"]["review_score"] == pytest.approx(risk[i], abs=1e-4)

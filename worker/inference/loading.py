@@ -52,6 +52,7 @@ from worker.inference.onnx_models import (
     sentence_transformers_pooling,
 )
 from worker.ood.calibration import OodCalibration, read_calibration
+from worker.routing.selector import RiskSelector
 from worker.settings import ModelSettings
 
 TRUST_ENV = "EMOWORKER_MODEL__TRUST_REMOTE_CODE"
@@ -80,6 +81,7 @@ class Classifier:
     recommended_n_samples: int | None = None
     ood: OodCalibration | None = None  # the OOD calibration the model folder carries
     members: list[nn.Module] = field(default_factory=list)  # an ensemble's models, ``model`` first
+    selector: RiskSelector | None = None  # the learned review score the bundle carries
 
     @property
     def models(self) -> list[nn.Module]:
@@ -339,8 +341,9 @@ def load_classifier(settings: ModelSettings) -> Classifier:
     if loaded.folder is not None:
         try:
             classifier.ood = read_calibration(loaded.folder)
+            classifier.selector = RiskSelector.read(loaded.folder)
         except (OSError, ValueError, KeyError) as exc:
-            raise ModelLoadError(f"{loaded.folder}: unreadable OOD calibration: {exc}") from exc
+            raise ModelLoadError(f"{loaded.folder}: unreadable calibration: {exc}") from exc
     return classifier
 
 

@@ -57,15 +57,23 @@ from worker.inference.uncertainty import STD_FLOOR, McSummary
 from worker.ood.scorer import OodBatch
 from worker.routing.budget import BudgetDecision, ReviewBudget
 from worker.routing.rate_cap import RateCap
+from worker.routing.selector import RiskSelector
+from worker.routing.selector import features as selector_features
 from worker.settings import OodSettings, ReviewSettings
 
 MAX_LABEL_REASONS = 3
 OOD_PRIORITY = 50  # a post routed as out of distribution: its review score ranks nothing
 
 ScoreKind = Literal[
-    "threshold_distance", "expected_risk", "mutual_information", "predictive_entropy"
+    "auto",
+    "learned",
+    "threshold_distance",
+    "expected_risk",
+    "mutual_information",
+    "predictive_entropy",
 ]
-SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)
+# the scores any summary gives (``learned`` needs the model's selector, ``auto`` picks)
+SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)[2:]
 # scores that mean nothing for a single deterministic pass (no MC spread): published as null then
 SCORES_NEEDING_SAMPLES = frozenset({"threshold_distance", "mutual_information"})
 OFF_WORDS = frozenset({"off", "none", "null", "no", "false", ""})
@@ -77,7 +85,7 @@ class PolicyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    score: ScoreKind = "expected_risk"
+    score: ScoreKind = "auto"
     target_rate: float | None = Field(0.05, ge=0.0, le=1.0)
     max_per_minute: float | None = Field(None, gt=0)
     epistemic_cut: float | None = Field(None, ge=0)
@@ -259,8 +267,10 @@ class ReviewPolicy:
         budget: ReviewBudget | None = None,
         ood: OodSettings | None = None,
         ood_cap: RateCap | None = None,
+        selector: RiskSelector | None = None,
     ) -> None:
         self.settings = settings
+        self.selector = selector
         self.ood_settings = ood or OodSettings()
         self.ood_cap = ood_cap or RateCap(self.ood_settings.max_per_minute)
         self.config = config = load_policy(settings)
@@ -269,6 +279,12 @@ class ReviewPolicy:
         if self.thresholds.shape != (len(self.label_names),):
             raise ValueError(
                 f"{len(self.label_names)} labels but thresholds of shape {self.thresholds.shape}"
+            )
+        if config.score == "learned" and selector is None:
+            raise ValueError(
+                "review score 'learned' needs a model whose bundle carries a selector "
+                "(selector.json: emoworker bundle combine, emoworker train); use auto or "
+                "expected_risk"
             )
         unknown = sorted(set(config.watch_labels) - set(self.label_names))
         if unknown:
@@ -300,12 +316,31 @@ class ReviewPolicy:
         )
 
     @property
+    def score_kind(self) -> str:
+        """The score that ranks posts: ``auto`` is the model's learned score when its bundle
+        has one (``selector.py``), expected risk otherwise."""
+        if self.config.score == "auto":
+            return "learned" if self.selector is not None else "expected_risk"
+        return self.config.score
+
+    @property
     def score_needs_samples(self) -> bool:
         """Whether the score means nothing for a post with one (deterministic) sample."""
-        return self.config.score in SCORES_NEEDING_SAMPLES
+        return self.score_kind in SCORES_NEEDING_SAMPLES
 
-    def scores(self, summary: McSummary) -> np.ndarray:
-        return review_scores(self.config.score, summary, self.thresholds)
+    def scores(
+        self,
+        summary: McSummary,
+        token_counts: list[int] | None = None,
+        ood: OodBatch | None = None,
+    ) -> np.ndarray:
+        if self.score_kind != "learned":
+            return review_scores(self.score_kind, summary, self.thresholds)
+        assert self.selector is not None
+        risk = expected_risk(summary.mean, self.thresholds)
+        counts = np.ones(len(risk)) if token_counts is None else np.asarray(token_counts)
+        x = selector_features(summary, self.thresholds, risk, counts, ood, self.neutral)
+        return self.selector.predict(x)
 
     def _near_threshold(self, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
         """Labels (last axis) whose mean is within ``band_sigmas`` std of their threshold."""

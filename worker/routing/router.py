@@ -223,8 +223,9 @@ class Router:
         sources: list[dict[str, Any] | None],
         summary: McSummary,
         ood: OodBatch | None = None,
+        token_counts: list[int] | None = None,
     ) -> list[RoutedPost]:
-        scores = self.policy.scores(summary)
+        scores = self.policy.scores(summary, token_counts, ood)
         processed_at = now_rfc3339()
         # per-batch numpy work, then plain Python per post: per-post numpy calls and per-element
         # round() dominated the routing cost

@@ -38,6 +38,7 @@ from worker.settings import ModelSettings
 from worker.training.evaluation import calibration_report, predict_texts
 from worker.training.goemotions import load_dataset_dir
 from worker.training.ood_fit import fit_ood, middle_layer
+from worker.training.selector_fit import fit_bundle_selector
 
 WEIGHT_FILES = (
     "config.json",
@@ -106,7 +107,7 @@ def combine_bundles(
     )
     (output / BUNDLE_FILE).write_text(manifest.to_json(), encoding="utf-8")
     (output / THRESHOLDS_FILE).unlink(missing_ok=True)
-    for stale in ("ood.json", "ood.safetensors"):
+    for stale in ("ood.json", "ood.safetensors", "selector.json"):
         (output / stale).unlink(missing_ok=True)
     names, train_split, dev_split = load_dataset_dir(data_dir)
     classifier = load_classifier(ModelSettings(path=str(output)))
@@ -125,6 +126,10 @@ def combine_bundles(
         first_only, train_split.texts, train_split.targets, dev_split.texts, engine, dev_summary=mc
     )
     write_calibration(output, ood)
+    classifier.thresholds = report["thresholds"]
+    log("fitting the learned review score (cross-fitted on dev)")
+    selector = fit_bundle_selector(classifier, dev_split, mc, ood)
+    selector.write(output)
     manifest.metrics = {
         "split": "dev",
         "n_samples": n_samples,
@@ -133,6 +138,7 @@ def combine_bundles(
         "mc_macro_f1_at_0.5": report["macro_f1_at_0.5"],
         "mc_macro_f1_tuned_on_dev": report["macro_f1_tuned"],
         "mc_macro_f1_split_half": report["macro_f1_split_half"],
+        "selector": selector.measured,
         "calibration_seconds": round(time.perf_counter() - started, 1),
         "training_data": str(data_dir),
         "train_posts": len(train_split),

@@ -12,14 +12,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from worker.inference.engine import EngineConfig, engine_precision
 from worker.inference.loading import Classifier, load_classifier
+from worker.inference.uncertainty import McSummary
+from worker.ood.scorer import OodBatch
 from worker.processing import ood_scorer
+from worker.routing.policy import expected_risk
+from worker.routing.selector import features as selector_features
 from worker.settings import ModelSettings, WorkerSettings
 from worker.training.evaluation import predict_texts
 from worker.training.goemotions import LabelledSplit, read_label_names, read_tsv
 from worker.training.ood_report import ood_markdown, ood_report
 from worker.training.report import evaluate_predictions, markdown_report
+from worker.training.selector_fit import cross_fitted_scores, predicted_risk_targets
 
 
 def load_evaluation(
@@ -37,6 +44,32 @@ def load_evaluation(
     if limit:
         split = split.subset(list(range(min(limit, len(split)))))
     return classifier, split
+
+
+def learned_scores(
+    classifier: Classifier,
+    split: LabelledSplit,
+    mc: McSummary,
+    token_counts: list[int],
+    ood: OodBatch | None,
+) -> dict[str, np.ndarray]:
+    """The learned review score two ways: the bundle's selector (fitted on dev: optimistic when
+    ``split`` is dev, honest elsewhere), and a selector cross-fitted on ``split`` itself (each
+    post scored by one fitted on the other folds: honest on any data)."""
+    thresholds = classifier.thresholds
+    risk = expected_risk(mc.mean, thresholds)
+    neutral = (
+        classifier.label_names.index("neutral") if "neutral" in classifier.label_names else None
+    )
+    x = selector_features(mc, thresholds, risk, np.asarray(token_counts), ood, neutral)
+    scores = {
+        "learned_cross_fitted": cross_fitted_scores(
+            x, predicted_risk_targets(split.targets, mc.mean, thresholds)
+        )
+    }
+    if classifier.selector is not None:
+        scores["learned_bundle"] = classifier.selector.predict(x)
+    return scores
 
 
 def run_evaluation(
@@ -66,7 +99,7 @@ def run_evaluation(
     names = classifier.label_names
     n = model.n_samples
     settings = settings or WorkerSettings(model=model)
-    scorer = ood_scorer(classifier, settings) if ood_files else None
+    scorer = ood_scorer(classifier, settings)  # the worker computes the signals for every post
     engine = EngineConfig(
         n_samples=n,
         mode=model.mc_mode,
@@ -78,7 +111,12 @@ def run_evaluation(
     det = predict_texts(
         classifier, split.texts, mode="off", precision=model.precision, progress=progress
     )
-    report = evaluate_predictions(split.targets, mc, classifier.thresholds, names, det.mean)
+    ids = classifier.tokenize(split.texts)
+    id_batch = scorer.score(split.texts, [None] * len(split), ids, mc.features) if scorer else None
+    learned = learned_scores(classifier, split, mc, [len(t) for t in ids], id_batch)
+    report = evaluate_predictions(
+        split.targets, mc, classifier.thresholds, names, det.mean, extra_scores=learned
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     curves = report.pop("_curves")
     report["ece"] = reliability_diagram(split.targets, mc.mean, output_dir / "reliability.png")
@@ -94,12 +132,15 @@ def run_evaluation(
         ),
     }
     report["data"] = str(data)
-    if scorer is not None and ood_files:
-        id_batch = scorer.score(
-            split.texts, [None] * len(split), classifier.tokenize(split.texts), mc.features
-        )
+    if scorer is not None and id_batch is not None and ood_files:
         report["ood"] = ood_report(
-            classifier, settings, scorer, engine, (id_batch, mc), ood_files, progress
+            classifier,
+            settings,
+            scorer,
+            engine,
+            (id_batch, mc, [len(t) for t in ids]),
+            ood_files,
+            progress,
         )
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = markdown_report(report, f"{classifier.name} on {data.name}")

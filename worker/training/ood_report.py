@@ -25,7 +25,7 @@ from worker.inference.engine import EngineConfig
 from worker.inference.loading import Classifier
 from worker.inference.uncertainty import McSummary
 from worker.ood.scorer import OodBatch, OodScorer
-from worker.routing.policy import review_scores
+from worker.routing.policy import ReviewPolicy
 from worker.settings import WorkerSettings
 from worker.training.evaluation import predict_texts
 
@@ -79,23 +79,30 @@ def ood_report(
     settings: WorkerSettings,
     scorer: OodScorer,
     engine: EngineConfig,
-    in_dist: tuple[OodBatch, McSummary],
+    in_dist: tuple[OodBatch, McSummary, list[int]],
     files: list[Path],
     progress: Callable[[int], Any] | None = None,
 ) -> dict[str, Any]:
-    """The report's ``ood`` section; ``in_dist``: the signals and MC statistics of the
-    evaluation's labelled posts."""
+    """The report's ``ood`` section; ``in_dist``: the signals, MC statistics and token counts
+    of the evaluation's labelled posts."""
     engine = replace(engine, feature_layer=scorer.feature_layer)
-    id_batch, id_summary = in_dist
-    score_kind = settings.review.score
-    id_review = review_scores(score_kind, id_summary, classifier.thresholds)
+    id_batch, id_summary, id_counts = in_dist
+    policy = ReviewPolicy(
+        settings.review,
+        classifier.label_names,
+        classifier.thresholds,
+        selector=classifier.selector,
+    )
+    score_kind = policy.score_kind
+    id_review = policy.scores(id_summary, id_counts, id_batch)
     rate = settings.review.target_rate
     review_cut = float(np.quantile(id_review, 1 - rate)) if rate else float("inf")
     sets: dict[str, Any] = {}
     for path in files:
         texts, langs = read_posts(path)
         batch, summary = score_texts(classifier, scorer, engine, texts, langs, progress)
-        routed = review_scores(score_kind, summary, classifier.thresholds) > review_cut
+        counts = [len(t) for t in classifier.tokenize(texts)]
+        routed = policy.scores(summary, counts, batch) > review_cut
         entry: dict[str, Any] = {
             "posts": len(texts),
             "combined": separation(id_batch.score, batch.score),

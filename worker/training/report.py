@@ -111,15 +111,16 @@ def evaluate_predictions(
     thresholds: np.ndarray,
     label_names: list[str],
     deterministic: np.ndarray | None = None,
+    extra_scores: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
+    """Classification and routing figures; ``extra_scores``: more review scores to rank by (the
+    learned score: ``evaluate.py``)."""
     predictions = predicted_sets(mc.mean, thresholds)
     report = classification_report(targets, predictions, label_names)
     post_f1 = per_post_f1(targets, predictions)
     wrong = top_label_wrong(targets, mc.mean)
-    routing = {
-        name: risk_coverage(name, score, post_f1, wrong)
-        for name, score in review_scores(mc, deterministic, thresholds).items()
-    }
+    scores = review_scores(mc, deterministic, thresholds) | (extra_scores or {})
+    routing = {name: risk_coverage(name, score, post_f1, wrong) for name, score in scores.items()}
     routing["oracle"] = oracle_routing(post_f1, wrong)
     report["posts"] = len(targets)
     report["mean_post_f1"] = float(post_f1.mean())
