@@ -37,19 +37,33 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
     assert written["n_samples"] == result["n_samples"] == 4
     assert isinstance(written["machine"], str)
     names = [m["name"] for m in written["methods"]]
-    expected = ["emcoder_loop", "sorted_loop", "full", "full_vs_full", "fast", "fast_int8"]
+    loops = ["emcoder_card", "emcoder_sorted", "emcoder_loop_unsorted", "sorted_loop"]
+    expected = [*loops, "full", "full_vs_full", "fast", "fast_int8"]
     if native_bf16(torch.device("cpu")):
         expected += ["full_bf16", "full_bf16_same_seed", "fast_bf16"]
     assert names == [*expected, "deterministic"]
     fields = {
         "posts_per_s", "ratio_to_loop", "label_set_agreement", "review_agreement", "spearman",
-        "macro_f1", "aurc", "peak_rss_mb",
+        "macro_f1", "aurc", "peak_rss_mb", "precision", "useful_gflops", "bound_fraction",
     }  # fmt: skip
+    bounds = written["gemm_gflops"]
+    assert bounds["fp32"] > 0 and ("bf16" in bounds) == native_bf16(torch.device("cpu"))
     for method in written["methods"]:
         assert fields <= method.keys(), method["name"]
-        assert method["posts_per_s"] > 0
+        assert method["posts_per_s"] > 0 and method["useful_gflops"] > 0
+        bound = bounds.get(method["precision"])
+        if bound is None:  # int8: no bound measured
+            assert method["bound_fraction"] is None
+        else:
+            assert method["bound_fraction"] == pytest.approx(method["useful_gflops"] / bound, 0.01)
     by_name = {m["name"]: m for m in written["methods"]}
-    assert by_name["emcoder_loop"]["ratio_to_loop"] == 1.0
+    # ratios are to the faster of the card's two arrangements
+    card = max(by_name["emcoder_card"]["posts_per_s"], by_name["emcoder_sorted"]["posts_per_s"])
+    for method in written["methods"]:
+        expected_ratio = method["posts_per_s"] / card
+        assert method["ratio_to_loop"] == pytest.approx(expected_ratio, abs=0.002)
+    assert max(by_name[n]["ratio_to_loop"] for n in ("emcoder_card", "emcoder_sorted")) == 1.0
+    assert by_name["full"]["precision"] == "fp32" and by_name["fast_int8"]["precision"] == "int8"
     full = by_name["full"]  # the reference agrees with itself exactly
     assert full["label_set_agreement"] == full["review_agreement"] == 1.0
     assert full["mean_abs_difference"] == 0.0
@@ -145,7 +159,8 @@ def test_gpu_bench_runs_its_parts_on_the_cpu_in_quick_mode(
     by_name = {m["name"]: m for m in written["methods"]}
     assert by_name["full"]["posts_timed"] == 80  # 40 posts, twice (quick profile)
     assert by_name["full"]["posts_compared"] == 40
-    assert by_name["emcoder_loop"]["posts_timed"] == 16
+    assert by_name["emcoder_card"]["posts_timed"] == 16
+    assert set(written["gemm_gflops"]) >= {"fp32"}
     assert by_name["full"]["label_set_agreement"] == 1.0
     sweep = written["sweep"]
     assert [(r["tokens_per_forward"], r["batch"]) for r in sweep[:2]] == [(256, 32), (1024, 32)]
@@ -162,7 +177,7 @@ def test_useful_flops_count_projections_and_attention() -> None:
     tokens: (2 * (64 + 64) * 3 + 4 * 9 * 4) + (2 * (64 + 64) + 4 * 4) = 912 + 272, twice."""
     from types import SimpleNamespace
 
-    from worker.bench.gpu import useful_flops_per_sample
+    from worker.bench.bound import useful_flops_per_sample
 
     config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2)
     classifier = SimpleNamespace(model=SimpleNamespace(config=config))

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from worker.bench.bound import measure_bounds, useful_flops_per_sample
 from worker.bench.inference import (
     DeviceProfile,
     engine_run,
@@ -38,18 +39,6 @@ from worker.inference.loading import Classifier, load_classifier
 from worker.inference.uncertainty import McSummary
 from worker.settings import ModelSettings
 from worker.training.report import predicted_sets
-
-
-def useful_flops_per_sample(classifier: Classifier, lengths: list[int]) -> float:
-    """Matmul FLOPs of one stochastic pass over posts of these lengths, padding not counted:
-    per token and layer 2 (4 h^2 + 2 h i) for the projections and 4 L h for attention."""
-    config = getattr(classifier.model, "config", None)
-    h = getattr(config, "hidden_size", 0)
-    i = getattr(config, "intermediate_size", 4 * h)
-    layers = getattr(config, "num_hidden_layers", 0)
-    tokens = np.asarray(lengths, dtype=np.float64)
-    per_layer = 2 * (4 * h * h + 2 * h * i) * tokens + 4 * tokens * tokens * h
-    return float(layers * per_layer.sum())
 
 
 def timed_run(
@@ -236,6 +225,9 @@ def run_gpu_bench(
     if quick:
         profile.engine_batch, profile.timing_repeat = 32, 2
     n = result["n_samples"]
+    part("gemm_gflops", lambda: measure_bounds(classifier.device))
+    log(f"matmul bound, GFLOP/s: {result['gemm_gflops']}")
+    bounds = result["gemm_gflops"] if "error" not in result["gemm_gflops"] else None
     part(
         "methods",
         lambda: run_inference_bench(
@@ -248,6 +240,7 @@ def run_gpu_bench(
             fast_config=EngineConfig(n_samples=n, mode="fast"),
             log=log,
             profile=profile,
+            bounds=bounds,
         ),
     )
     if isinstance(result["methods"], list):

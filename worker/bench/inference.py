@@ -2,8 +2,14 @@
 
 Methods (all at the same N):
 
-* ``emcoder_loop`` — the EmCoder card's ``mc_forward`` arrangement, the baseline: each batch of
-  posts (padded to its longest) is repeated N times and run in sub-batches of 10 rows;
+* ``emcoder_card`` — the EmCoder card's own usage: one post at a time, its N samples in forwards
+  of 10 rows (the post repeated, no padding);
+* ``emcoder_sorted`` — the card's ``mc_forward`` over length-sorted batches of 32: each batch
+  (padded to its longest) repeated N times, run in sub-batches of 10 rows;
+* ``emcoder_loop_unsorted`` — the same over batches of 32 in input order (padded to the longest
+  of 32 random posts: the arrangement earlier runs called the baseline, kept for comparison);
+  the ratios (``ratio_to_loop``) are taken against the faster of the first two, measured in
+  the same run: the strongest reasonable use of the card;
 * ``sorted_loop`` — the same N passes over length-sorted batches, one sample per pass;
 * ``full`` — the engine's full MC Dropout (every dropout layer stochastic, exact semantics);
 * ``full_vs_full`` — ``full`` again with another seed: the noise reference for agreement;
@@ -34,6 +40,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from worker.bench.bound import useful_gflop
 from worker.inference.dropout import set_mc_dropout
 from worker.inference.engine import EngineConfig, McDropoutEngine, pad
 from worker.inference.loading import Classifier
@@ -56,8 +63,14 @@ def emcoder_loop(
     batch_size: int = 32,
     max_batch_size: int = 10,
     seed: int = 0,
+    sort: bool = False,
 ) -> McSummary:
-    """The EmCoder-style baseline: repeat each padded batch N times, run 10 rows at a time."""
+    """The EmCoder card's ``mc_forward``: repeat each padded batch N times, run 10 rows at a
+    time; batches of ``batch_size`` posts in input order, or in length order with ``sort``
+    (``batch_size=1``: one post at a time, the card's own usage)."""
+    order = list(range(len(token_ids)))
+    if sort:
+        order.sort(key=lambda i: len(token_ids[i]))
     torch.manual_seed(seed)
     model = classifier.model
     acc = McAccumulator(
@@ -67,7 +80,7 @@ def emcoder_loop(
     try:
         with torch.inference_mode():
             for start in range(0, len(token_ids), batch_size):
-                rows = list(range(start, min(start + batch_size, len(token_ids))))
+                rows = order[start : start + batch_size]
                 ids, mask = pad([token_ids[i] for i in rows], classifier.pad_id, classifier.device)
                 ids, mask = ids.repeat(n_samples, 1), mask.repeat(n_samples, 1)
                 index = torch.as_tensor(rows).repeat(n_samples)
@@ -88,16 +101,29 @@ class MethodRun:
     seconds: float
     posts: int
     peak_rss_mb: float
+    lengths: list[int]  # the timed posts' tokens (useful work: ``bound.py``)
 
     @property
     def posts_per_s(self) -> float:
         return self.posts / self.seconds
 
 
-def timed(name: str, posts: int, fn: Callable[[], McSummary]) -> MethodRun:
+def timed(name: str, tokens: list[list[int]], fn: Callable[[], McSummary]) -> MethodRun:
     started = time.perf_counter()
     summary = fn()
-    return MethodRun(name, summary, time.perf_counter() - started, posts, peak_rss_mb())
+    seconds = time.perf_counter() - started
+    return MethodRun(name, summary, seconds, len(tokens), peak_rss_mb(), [len(t) for t in tokens])
+
+
+def method_precision(name: str) -> str:
+    """The precision a method's matmuls run in (the bound it is measured against)."""
+    for precision in ("bf16", "fp16", "int8"):
+        if precision in name:
+            return precision
+    return "fp32"
+
+
+BASELINES = ("emcoder_card", "emcoder_sorted")  # ratios are to the faster of these
 
 
 def engine_run(
@@ -172,8 +198,7 @@ def fidelity(
 
 
 def _head(summary: McSummary, n: int) -> McSummary:
-    fields = McSummary.__dataclass_fields__
-    return McSummary(**{f: getattr(summary, f)[:n] for f in fields})
+    return summary.head(n)
 
 
 @dataclass
@@ -211,9 +236,11 @@ def run_inference_bench(
     fast_config: EngineConfig,
     log: Callable[[str], Any] = print,
     profile: DeviceProfile | None = None,
+    bounds: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Time the loops on the first ``speed_posts`` texts and the engine's methods on all
-    ``texts`` (repeated, on a GPU: ``DeviceProfile``); fidelity on all ``texts``."""
+    ``texts`` (repeated, on a GPU: ``DeviceProfile``); fidelity on all ``texts``. ``bounds``:
+    matmul GFLOP/s per precision (``bound.py``), for each method's share of it."""
     device = classifier.device
     profile = profile or DeviceProfile.for_device(device)
     tokens = classifier.tokenize(texts)
@@ -241,14 +268,22 @@ def run_inference_bench(
         emcoder_loop(classifier, warm_tokens[:32], n_samples, seed=0)
 
     runs: list[MethodRun] = []
-    runs.append(
-        timed(
-            "emcoder_loop",
-            len(speed_tokens),
-            lambda: emcoder_loop(classifier, speed_tokens, n_samples, seed=1),
+    loops: list[tuple[str, dict[str, Any]]] = [
+        ("emcoder_card", {"batch_size": 1}),
+        ("emcoder_sorted", {"sort": True}),
+        ("emcoder_loop_unsorted", {}),
+    ]
+    for name, arrangement in loops:
+        runs.append(
+            timed(
+                name,
+                speed_tokens,
+                lambda a=arrangement: emcoder_loop(  # type: ignore[misc]
+                    classifier, speed_tokens, n_samples, seed=1, **a
+                ),
+            )
         )
-    )
-    log(f"  emcoder_loop        {runs[-1].posts_per_s:7.2f} posts/s")
+        log(f"  {name:<22}{runs[-1].posts_per_s:6.2f} posts/s")
     # the precisions and variants the table times (rows below), each run once untimed first
     precisions: list[Precision] = ["fp32"]
     if native_bf16(device):
@@ -274,16 +309,13 @@ def run_inference_bench(
     )
     runs.append(
         timed(
-            "sorted_loop",
-            len(speed_tokens),
-            lambda: engine_run(classifier, speed_tokens, sorted_loop),
+            "sorted_loop", speed_tokens, lambda: engine_run(classifier, speed_tokens, sorted_loop)
         )
     )
     log(f"  sorted_loop         {runs[-1].posts_per_s:7.2f} posts/s")
-    n_timed = len(timed_tokens)
 
     def engine_method(name: str, fn: Callable[[], McSummary]) -> None:
-        runs.append(timed(name, n_timed, fn))
+        runs.append(timed(name, timed_tokens, fn))
         log(f"  {name:<20}{runs[-1].posts_per_s:8.2f} posts/s")
 
     engine_method("full", lambda: full(11))
@@ -303,14 +335,22 @@ def run_inference_bench(
     det = EngineConfig(n_samples=1, mode="off", precision="fp32")
     engine_method("deterministic", lambda: on_timed_posts(det))
 
-    reference = runs[2].summary
-    loop_rate = runs[0].posts_per_s
+    reference = next(run.summary for run in runs if run.name == "full")
+    loop_rate = max(run.posts_per_s for run in runs if run.name in BASELINES)
+    model_config = classifier.model.config
     rows = []
     for run in runs:
+        precision = method_precision(run.name)
+        samples = run.summary.n_samples[: run.posts].astype(float).tolist()
+        work = useful_gflop(model_config, run.lengths, samples) / run.seconds
+        bound = (bounds or {}).get(precision)
         row: dict[str, Any] = {
             "name": run.name,
             "posts_per_s": round(run.posts_per_s, 3),
             "ratio_to_loop": round(run.posts_per_s / loop_rate, 3),
+            "precision": precision,
+            "useful_gflops": round(work, 1),
+            "bound_fraction": round(work / bound, 3) if bound else None,
             "peak_rss_mb": round(run.peak_rss_mb, 1),
             "posts_timed": run.posts,
         }

@@ -52,13 +52,16 @@ def load_posts(path: Path, n: int) -> tuple[list[str], np.ndarray]:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| method | posts/s | × loop | label sets | review flags | Spearman MI | macro-F1 | AURC "
-        "| samples/post | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | posts/s | × card | precision | useful GFLOP/s | of bound | label sets "
+        "| review flags | Spearman MI | macro-F1 | AURC | samples/post | peak RSS MB |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        bound = r.get("bound_fraction")
         lines.append(
             f"| {r['name']} | {r['posts_per_s']:.2f} | {r['ratio_to_loop']:.2f} | "
+            f"{r.get('precision', '')} | {r.get('useful_gflops', float('nan')):.1f} | "
+            f"{'' if bound is None else f'{100 * bound:.0f} %'} | "
             f"{r['label_set_agreement']:.3f} | {r['review_agreement']:.3f} | "
             f"{r['spearman']:.3f} | {r['macro_f1']:.3f} | {r['aurc']:.3f} | "
             f"{r['mean_samples']:.1f} | {r['peak_rss_mb']:.0f} |"

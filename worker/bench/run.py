@@ -18,6 +18,7 @@ from typing import Any
 import psutil
 import torch
 
+from worker.bench.bound import measure_bounds
 from worker.bench.inference import engine_run, run_inference_bench
 from worker.bench.results import (
     DEFAULT_DEV,
@@ -294,6 +295,11 @@ def _run_bench(
         "quick": quick,
     }
     log(f"machine: {result['machine']}")
+    # the machine's limit in this run, on the model thread like the methods
+    result["gemm_gflops"] = executor.submit(
+        measure_bounds, classifier.device, 0.2 if quick else 2.0
+    ).result()
+    log(f"matmul bound at the model's shapes, GFLOP/s: {result['gemm_gflops']}")
     result["methods"] = executor.submit(
         run_inference_bench,
         classifier,
@@ -304,6 +310,7 @@ def _run_bench(
         full_config=EngineConfig(n_samples=n_samples, mode="full"),
         fast_config=EngineConfig(n_samples=n_samples, mode="fast"),
         log=log,
+        bounds=result["gemm_gflops"],
     ).result()
     log(markdown_table(result["methods"]))
     if options.streaming:

@@ -19,6 +19,7 @@ pass's probabilities to the host would stop the device at every pass).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,6 +143,23 @@ class McSummary:
 
     def __len__(self) -> int:
         return len(self.mean)
+
+    def head(self, n: int) -> McSummary:
+        """The first ``n`` posts."""
+        values: dict[str, Any] = {}
+        for f in McSummary.__dataclass_fields__:
+            v = getattr(self, f)
+            values[f] = None if v is None else v[:n]
+        return McSummary(**values)
+
+    @classmethod
+    def concat(cls, parts: list[McSummary]) -> McSummary:
+        """The parts' posts in order (features only when every part has them)."""
+        values: dict[str, Any] = {}
+        for f in cls.__dataclass_fields__:
+            arrays = [getattr(p, f) for p in parts]
+            values[f] = None if any(a is None for a in arrays) else np.concatenate(arrays)
+        return cls(**values)
 
     def threshold_distance(self, thresholds: np.ndarray) -> np.ndarray:
         """Per post: the smallest |mean - threshold| over labels in units of that label's std."""

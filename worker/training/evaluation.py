@@ -15,13 +15,7 @@ from worker.training.metrics import binarize, macro_f1, split_half_macro_f1, tun
 
 
 def concat_summaries(parts: list[McSummary]) -> McSummary:
-    """One summary of the parts' posts, in order (features only when every part has them)."""
-    fields = McSummary.__dataclass_fields__
-    values: dict[str, Any] = {}
-    for f in fields:
-        arrays = [getattr(p, f) for p in parts]
-        values[f] = None if any(a is None for a in arrays) else np.concatenate(arrays)
-    return McSummary(**values)
+    return McSummary.concat(parts)
 
 
 def predict_texts(
