@@ -64,6 +64,7 @@ class BatchProcessor:
             classifier.thresholds,
             ood=settings.ood,
             selector=classifier.selector,
+            calibration=classifier.calibration,
         )
         self.router = Router(
             self.policy,

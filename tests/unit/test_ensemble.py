@@ -61,10 +61,15 @@ def test_combining_keeps_every_member_and_the_bundle_round_trips(
     assert (output / "member-1" / "adapter_model.safetensors").is_file()
     assert (output / "member-2" / "delta.safetensors").is_file()
     assert (output / "thresholds.json").is_file() and (output / "ood.json").is_file()
+    assert (output / "calibration.json").is_file()
+    routing = BundleManifest.read(output).metrics["routing"]
+    # the learned score ships only when its cross-fitted figures beat the calibrated risk's
+    assert (output / "selector.json").is_file() is routing["learned_shipped"]
     assert BundleManifest.read(output).to_json() == manifest.to_json()
     classifier = load_classifier(ModelSettings(path=str(output), device="cpu"))
     assert len(classifier.models) == 2 and classifier.models[0] is classifier.model
     assert classifier.ood is not None and classifier.ood.density is not None
+    assert classifier.calibration is not None
     # each member is the model its own bundle loads
     for member, path in zip(classifier.models, members, strict=True):
         alone = load_classifier(ModelSettings(path=str(path), device="cpu"))

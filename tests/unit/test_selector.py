@@ -110,3 +110,45 @@ def test_the_policy_ranks_by_the_learned_score_when_the_model_has_one() -> None:
     assert chosen.score_kind == "expected_risk"
     with pytest.raises(ValueError, match="needs a model whose bundle carries a selector"):
         ReviewPolicy(ReviewSettings(score="learned"), LABELS, THRESHOLDS)
+
+
+def test_label_calibration_fixes_miscalibrated_means_and_round_trips(tmp_path: Path) -> None:
+    from worker.routing.calibration import LabelCalibration
+    from worker.training.selector_fit import (
+        calibration_error,
+        cross_fitted_calibration,
+        fit_label_calibration,
+    )
+
+    rng = np.random.default_rng(5)
+    truth = rng.uniform(0.02, 0.9, (4000, 2))
+    targets = (rng.uniform(size=truth.shape) < truth).astype(np.float64)
+    targets[:, 1] = 0.0  # a label no post carries keeps the identity
+    overconfident = 1 / (1 + np.exp(-3 * np.log(truth / (1 - truth)) - 1))  # means too extreme
+    calibration = fit_label_calibration(targets, overconfident)
+    assert calibration.slopes[0] == pytest.approx(1 / 3, abs=0.05)
+    assert (calibration.slopes[1], calibration.intercepts[1]) == (1.0, 0.0)
+    crossed = cross_fitted_calibration(targets, overconfident)
+    assert calibration_error(crossed[:, :1], targets[:, :1]) < 0.3 * calibration_error(
+        overconfident[:, :1], targets[:, :1]
+    )
+    # monotone: the order of the means (so the predicted labels) is kept
+    order = np.argsort(overconfident[:, 0])
+    assert (np.diff(calibration.apply(overconfident)[order, 0]) >= 0).all()
+    calibration.write(tmp_path, ["a", "b"])
+    back = LabelCalibration.read(tmp_path, ["a", "b"])
+    assert back is not None
+    np.testing.assert_allclose(back.apply(overconfident), calibration.apply(overconfident))
+    with pytest.raises(ValueError, match="other labels"):
+        LabelCalibration.read(tmp_path, ["a", "c"])
+
+
+def test_expected_risk_reads_the_calibrated_probabilities_with_the_same_predicted_set() -> None:
+    mean = np.array([[0.7, 0.2, 0.1]])
+    sure = expected_risk(mean, THRESHOLDS, np.array([[1.0, 0.0, 0.0]]))
+    assert sure[0] == pytest.approx(0.0)  # joy certainly true, the rest certainly false
+    wrong = expected_risk(mean, THRESHOLDS, np.array([[0.0, 1.0, 0.0]]))
+    assert wrong[0] == pytest.approx(1.0)  # the predicted joy is false, anger true
+    assert expected_risk(mean, THRESHOLDS)[0] == pytest.approx(
+        expected_risk(mean, THRESHOLDS, mean)[0]
+    )

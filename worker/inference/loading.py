@@ -52,6 +52,7 @@ from worker.inference.onnx_models import (
     sentence_transformers_pooling,
 )
 from worker.ood.calibration import OodCalibration, read_calibration
+from worker.routing.calibration import LabelCalibration
 from worker.routing.selector import RiskSelector
 from worker.settings import ModelSettings
 
@@ -82,6 +83,7 @@ class Classifier:
     ood: OodCalibration | None = None  # the OOD calibration the model folder carries
     members: list[nn.Module] = field(default_factory=list)  # an ensemble's models, ``model`` first
     selector: RiskSelector | None = None  # the learned review score the bundle carries
+    calibration: LabelCalibration | None = None  # per-label calibration of the MC means
 
     @property
     def models(self) -> list[nn.Module]:
@@ -342,6 +344,7 @@ def load_classifier(settings: ModelSettings) -> Classifier:
         try:
             classifier.ood = read_calibration(loaded.folder)
             classifier.selector = RiskSelector.read(loaded.folder)
+            classifier.calibration = LabelCalibration.read(loaded.folder, label_names)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelLoadError(f"{loaded.folder}: unreadable calibration: {exc}") from exc
     return classifier

@@ -56,6 +56,7 @@ from schemas import ReviewReason
 from worker.inference.uncertainty import STD_FLOOR, McSummary
 from worker.ood.scorer import OodBatch
 from worker.routing.budget import BudgetDecision, ReviewBudget
+from worker.routing.calibration import LabelCalibration
 from worker.routing.rate_cap import RateCap
 from worker.routing.selector import RiskSelector
 from worker.routing.selector import features as selector_features
@@ -213,8 +214,12 @@ def poisson_binomial(
     return pmf
 
 
-def expected_risk(mean: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Per post, 1 - E[F1(P, Y)] with P the predicted set and Y_l ~ Bernoulli(mean_l) independent.
+def expected_risk(
+    mean: np.ndarray, thresholds: np.ndarray, probabilities: np.ndarray | None = None
+) -> np.ndarray:
+    """Per post, 1 - E[F1(P, Y)] with P the predicted set (from ``mean`` and ``thresholds``) and
+    Y_l ~ Bernoulli(q_l) independent, q = ``probabilities`` (calibrated means: ``calibration.py``)
+    or ``mean`` itself.
 
     F1(P, Y) = 2 |P & Y| / (|P| + |Y|); P is never empty, so the ratio is always defined. With
     A = |P & Y| and C = |Y - P| (independent Poisson-binomial counts over the labels in and out of
@@ -224,10 +229,11 @@ def expected_risk(mean: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
 
     Exact, deterministic (a post's score does not depend on its batch) and O(B L^2).
     """
-    p = np.clip(np.asarray(mean, dtype=np.float64), 0.0, 1.0)
-    if p.size == 0:
-        return np.zeros(len(p))
-    predicted = predicted_mask(p, np.asarray(thresholds, dtype=np.float64))
+    m = np.clip(np.asarray(mean, dtype=np.float64), 0.0, 1.0)
+    if m.size == 0:
+        return np.zeros(len(m))
+    predicted = predicted_mask(m, np.asarray(thresholds, dtype=np.float64))
+    p = m if probabilities is None else np.clip(np.asarray(probabilities, np.float64), 0.0, 1.0)
     k = predicted.sum(axis=1)
     in_p = poisson_binomial(p, predicted, max_count=int(k.max()))  # A <= k: exact
     out_p = poisson_binomial(p, ~predicted)  # C
@@ -239,14 +245,21 @@ def expected_risk(mean: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return np.asarray(np.clip(1.0 - expected_f1, 0.0, 1.0))
 
 
-def review_scores(kind: str, summary: McSummary, thresholds: np.ndarray) -> np.ndarray:
-    """Per post, the review score ``kind`` (higher: more uncertain)."""
+def review_scores(
+    kind: str,
+    summary: McSummary,
+    thresholds: np.ndarray,
+    calibration: LabelCalibration | None = None,
+) -> np.ndarray:
+    """Per post, the review score ``kind`` (higher: more uncertain); ``calibration``: the
+    expected risk reads the calibrated means."""
     thresholds = np.asarray(thresholds, dtype=np.float64)
     if kind == "threshold_distance":
         z = np.abs(summary.mean - thresholds) / np.maximum(summary.std, STD_FLOOR)
         return np.asarray(1.0 / (1.0 + z.min(axis=1)))
     if kind == "expected_risk":
-        return expected_risk(summary.mean, thresholds)
+        calibrated = None if calibration is None else calibration.apply(summary.mean)
+        return expected_risk(summary.mean, thresholds, calibrated)
     if kind == "mutual_information":
         return np.asarray(summary.mutual_information, dtype=np.float64)
     if kind == "predictive_entropy":
@@ -268,9 +281,11 @@ class ReviewPolicy:
         ood: OodSettings | None = None,
         ood_cap: RateCap | None = None,
         selector: RiskSelector | None = None,
+        calibration: LabelCalibration | None = None,
     ) -> None:
         self.settings = settings
         self.selector = selector
+        self.calibration = calibration
         self.ood_settings = ood or OodSettings()
         self.ood_cap = ood_cap or RateCap(self.ood_settings.max_per_minute)
         self.config = config = load_policy(settings)
@@ -335,9 +350,9 @@ class ReviewPolicy:
         ood: OodBatch | None = None,
     ) -> np.ndarray:
         if self.score_kind != "learned":
-            return review_scores(self.score_kind, summary, self.thresholds)
+            return review_scores(self.score_kind, summary, self.thresholds, self.calibration)
         assert self.selector is not None
-        risk = expected_risk(summary.mean, self.thresholds)
+        risk = review_scores("expected_risk", summary, self.thresholds, self.calibration)
         counts = np.ones(len(risk)) if token_counts is None else np.asarray(token_counts)
         x = selector_features(summary, self.thresholds, risk, counts, ood, self.neutral)
         return self.selector.predict(x)

@@ -38,7 +38,7 @@ from worker.settings import ModelSettings
 from worker.training.evaluation import calibration_report, predict_texts
 from worker.training.goemotions import load_dataset_dir
 from worker.training.ood_fit import fit_ood, middle_layer
-from worker.training.selector_fit import fit_bundle_selector
+from worker.training.selector_fit import fit_routing, write_routing
 
 WEIGHT_FILES = (
     "config.json",
@@ -107,7 +107,7 @@ def combine_bundles(
     )
     (output / BUNDLE_FILE).write_text(manifest.to_json(), encoding="utf-8")
     (output / THRESHOLDS_FILE).unlink(missing_ok=True)
-    for stale in ("ood.json", "ood.safetensors", "selector.json"):
+    for stale in ("ood.json", "ood.safetensors", "selector.json", "calibration.json"):
         (output / stale).unlink(missing_ok=True)
     names, train_split, dev_split = load_dataset_dir(data_dir)
     classifier = load_classifier(ModelSettings(path=str(output)))
@@ -127,9 +127,9 @@ def combine_bundles(
     )
     write_calibration(output, ood)
     classifier.thresholds = report["thresholds"]
-    log("fitting the learned review score (cross-fitted on dev)")
-    selector = fit_bundle_selector(classifier, dev_split, mc, ood)
-    selector.write(output)
+    log("fitting the routing: per-label calibration and the learned score (cross-fitted on dev)")
+    routing = fit_routing(classifier, dev_split, mc, ood)
+    write_routing(output, routing, names)
     manifest.metrics = {
         "split": "dev",
         "n_samples": n_samples,
@@ -138,7 +138,7 @@ def combine_bundles(
         "mc_macro_f1_at_0.5": report["macro_f1_at_0.5"],
         "mc_macro_f1_tuned_on_dev": report["macro_f1_tuned"],
         "mc_macro_f1_split_half": report["macro_f1_split_half"],
-        "selector": selector.measured,
+        "routing": routing.measured,
         "calibration_seconds": round(time.perf_counter() - started, 1),
         "training_data": str(data_dir),
         "train_posts": len(train_split),

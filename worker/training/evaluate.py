@@ -26,7 +26,11 @@ from worker.training.evaluation import predict_texts
 from worker.training.goemotions import LabelledSplit, read_label_names, read_tsv
 from worker.training.ood_report import ood_markdown, ood_report
 from worker.training.report import evaluate_predictions, markdown_report
-from worker.training.selector_fit import cross_fitted_scores, predicted_risk_targets
+from worker.training.selector_fit import (
+    cross_fitted_calibration,
+    cross_fitted_scores,
+    predicted_risk_targets,
+)
 
 
 def load_evaluation(
@@ -53,22 +57,29 @@ def learned_scores(
     token_counts: list[int],
     ood: OodBatch | None,
 ) -> dict[str, np.ndarray]:
-    """The learned review score two ways: the bundle's selector (fitted on dev: optimistic when
-    ``split`` is dev, honest elsewhere), and a selector cross-fitted on ``split`` itself (each
-    post scored by one fitted on the other folds: honest on any data)."""
+    """The scores the bundle's routing files make, two ways each: as the bundle ships them
+    (fitted on dev: optimistic when ``split`` is dev, honest elsewhere), and refitted on ``split``
+    itself, cross-fitted (each post scored by a fit on the other folds: honest on any data):
+    the expected risk from per-label calibrated means, and the learned score."""
     thresholds = classifier.thresholds
-    risk = expected_risk(mc.mean, thresholds)
-    neutral = (
-        classifier.label_names.index("neutral") if "neutral" in classifier.label_names else None
-    )
-    x = selector_features(mc, thresholds, risk, np.asarray(token_counts), ood, neutral)
+    names = classifier.label_names
+    neutral = names.index("neutral") if "neutral" in names else None
+    counts = np.asarray(token_counts)
+    calibrated = cross_fitted_calibration(split.targets, mc.mean)
+    crossed_risk = expected_risk(mc.mean, thresholds, calibrated)
+    x = selector_features(mc, thresholds, crossed_risk, counts, ood, neutral)
     scores = {
+        "expected_risk_calibrated_cross_fitted": crossed_risk,
         "learned_cross_fitted": cross_fitted_scores(
             x, predicted_risk_targets(split.targets, mc.mean, thresholds)
-        )
+        ),
     }
-    if classifier.selector is not None:
-        scores["learned_bundle"] = classifier.selector.predict(x)
+    if classifier.calibration is not None:
+        bundle_risk = expected_risk(mc.mean, thresholds, classifier.calibration.apply(mc.mean))
+        scores["expected_risk_calibrated_bundle"] = bundle_risk
+        if classifier.selector is not None:
+            x = selector_features(mc, thresholds, bundle_risk, counts, ood, neutral)
+            scores["learned_bundle"] = classifier.selector.predict(x)
     return scores
 
 

@@ -22,7 +22,7 @@ from worker.training.evaluation import calibration_report, predict_texts
 from worker.training.export import WeightsKind, export_bundle
 from worker.training.goemotions import LabelledSplit, load_dataset_dir
 from worker.training.ood_fit import fit_ood, middle_layer
-from worker.training.selector_fit import fit_bundle_selector
+from worker.training.selector_fit import fit_routing, write_routing
 from worker.training.train import TrainConfig, TrainResult, train
 
 CHECKPOINT_DIR = "checkpoint"  # inside the bundle folder while training runs
@@ -196,9 +196,9 @@ def calibrate_and_export(
     )
     write_calibration(output, ood)
     classifier.thresholds = report["thresholds"]
-    selector = fit_bundle_selector(classifier, dev_split, mc, ood)
-    selector.write(output)
-    metrics["selector"] = selector.measured
+    routing = fit_routing(classifier, dev_split, mc, ood)
+    write_routing(output, routing, names)
+    metrics["routing"] = routing.measured
     history = [h.__dict__ for h in result.history]
     (output / "training_history.json").write_text(json.dumps(history, indent=1) + "\n")
     write_card(output, config, metrics, kind)

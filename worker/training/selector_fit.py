@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.linear_model import Ridge
+from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import KFold
 from sklearn.preprocessing import StandardScaler
 
@@ -22,8 +23,9 @@ from worker.inference.loading import Classifier
 from worker.inference.uncertainty import McSummary
 from worker.ood.calibration import OodCalibration, builtin_calibration
 from worker.ood.scorer import OodScorer
+from worker.routing.calibration import LabelCalibration, logit
 from worker.routing.policy import expected_risk
-from worker.routing.selector import RiskSelector, features
+from worker.routing.selector import SELECTOR_FILE, RiskSelector, features
 from worker.training.goemotions import LabelledSplit
 from worker.training.metrics import tune_thresholds
 from worker.training.report import (
@@ -34,6 +36,7 @@ from worker.training.report import (
 )
 
 ALPHA = 1.0  # ridge penalty on standardised features
+PLATT_C = 100.0  # inverse penalty of the per-label Platt scaling (barely regularised)
 FOLDS = 5
 
 
@@ -90,37 +93,115 @@ def predicted_risk_targets(
     return 1.0 - per_post_f1(targets, predicted_sets(mean, thresholds))
 
 
-def fit_bundle_selector(
+def fit_label_calibration(targets: np.ndarray, mean: np.ndarray) -> LabelCalibration:
+    """Platt scaling per label on the logits of the MC means (``routing/calibration.py``)."""
+    x = logit(mean)
+    slopes, intercepts = np.ones(mean.shape[1]), np.zeros(mean.shape[1])
+    for j in range(mean.shape[1]):
+        y = targets[:, j]
+        if 0 < y.sum() < len(y):  # a label with one class only keeps the identity
+            model = LogisticRegression(C=PLATT_C).fit(x[:, j : j + 1], y)
+            slopes[j], intercepts[j] = float(model.coef_[0, 0]), float(model.intercept_[0])
+    return LabelCalibration(slopes, intercepts, measured={})
+
+
+def cross_fitted_calibration(
+    targets: np.ndarray, mean: np.ndarray, folds: int = FOLDS, seed: int = 0
+) -> np.ndarray:
+    """(B, L) calibrated means, each post's from a calibration fitted on the other folds."""
+    out = np.zeros_like(mean, dtype=np.float64)
+    for train, held in KFold(folds, shuffle=True, random_state=seed).split(mean):
+        out[held] = fit_label_calibration(targets[train], mean[train]).apply(mean[held])
+    return out
+
+
+def calibration_error(probabilities: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error over every (post, label) pair, equal-width bins."""
+    p, y = probabilities.ravel(), targets.ravel()
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    total = 0.0
+    for b in range(bins):
+        inside = which == b
+        if inside.any():
+            total += inside.sum() * abs(float(p[inside].mean()) - float(y[inside].mean()))
+    return total / len(p)
+
+
+def routing_figures(score: np.ndarray, risk: np.ndarray, wrong: np.ndarray) -> dict[str, float]:
+    result = risk_coverage("score", score, 1.0 - risk, wrong)
+    at10 = result.at_rates["10%"]
+    return {
+        "aurc": round(result.aurc, 4),
+        "kept_post_f1_at_10": round(at10["kept_post_f1"], 4),
+        "routed_top_label_error_ratio_at_10": round(at10["error_ratio"], 3),
+    }
+
+
+@dataclasses.dataclass
+class Routing:
+    """What a bundle ships for routing, with the cross-fitted dev figures that chose it."""
+
+    calibration: LabelCalibration
+    selector: RiskSelector | None  # None when it did not beat the calibrated expected risk
+    measured: dict[str, Any]
+
+
+def fit_routing(
     classifier: Classifier,
     dev: LabelledSplit,
     mc: McSummary,
     ood: OodCalibration | None,
     seed: int = 0,
-) -> RiskSelector:
-    """The selector a bundle ships, fitted on every dev post, with its cross-fitted figures
-    against the expected risk (``measured``): AURC and the kept posts' F1 at a 10 % review
-    rate, both under cross-fitted thresholds."""
+) -> Routing:
+    """Per-label calibration and the learned score, fitted on every dev post; each kept only
+    when its cross-fitted figures (AURC and the kept posts' F1 at a 10 % review rate, risk under
+    cross-fitted thresholds) beat what it would replace."""
     thresholds = classifier.thresholds
+    risk = honest_risk(dev.targets, mc.mean, seed)
+    wrong = top_label_wrong(dev.targets, mc.mean)
+    calibrated = cross_fitted_calibration(dev.targets, mc.mean, seed=seed)
+    raw_score = expected_risk(mc.mean, thresholds)
+    calibrated_score = expected_risk(mc.mean, thresholds, calibrated)
     scorer = OodScorer(ood or builtin_calibration(), classifier.tokenizer, classifier.max_length)
     ids = classifier.tokenize(dev.texts)
     batch = scorer.score(dev.texts, [None] * len(dev), ids, mc.features)
-    neutral = (
-        classifier.label_names.index("neutral") if "neutral" in classifier.label_names else None
+    names = classifier.label_names
+    neutral = names.index("neutral") if "neutral" in names else None
+    counts = np.array([len(t) for t in ids])
+    x = features(mc, thresholds, calibrated_score, counts, batch, neutral)
+    learned_score = cross_fitted_scores(x, risk, seed=seed)
+    measured: dict[str, Any] = {
+        "posts": len(dev),
+        "folds": FOLDS,
+        "mean_post_f1": round(float(1.0 - risk.mean()), 4),
+        "ece_raw": round(calibration_error(mc.mean, dev.targets), 4),
+        "ece_calibrated": round(calibration_error(calibrated, dev.targets), 4),
+        "expected_risk": routing_figures(raw_score, risk, wrong),
+        "expected_risk_calibrated": routing_figures(calibrated_score, risk, wrong),
+        "learned": routing_figures(learned_score, risk, wrong),
+    }
+    calibration = fit_label_calibration(dev.targets, mc.mean)
+    calibration = dataclasses.replace(calibration, measured=measured)
+    base, learned = measured["expected_risk_calibrated"], measured["learned"]
+    keep = (
+        learned["aurc"] <= base["aurc"]
+        and learned["kept_post_f1_at_10"] >= base["kept_post_f1_at_10"]
     )
-    risk_now = expected_risk(mc.mean, thresholds)
-    x = features(mc, thresholds, risk_now, np.array([len(t) for t in ids]), batch, neutral)
-    risk = honest_risk(dev.targets, mc.mean, seed)
-    crossed = cross_fitted_scores(x, risk, seed=seed)
-    wrong = top_label_wrong(dev.targets, mc.mean)
-    measured: dict[str, Any] = {"posts": len(dev), "folds": FOLDS, "alpha": ALPHA}
-    for name, score in (("learned", crossed), ("expected_risk", risk_now)):
-        result = risk_coverage(name, score, 1.0 - risk, wrong)
-        at10 = result.at_rates["10%"]
-        measured[name] = {
-            "aurc": round(result.aurc, 4),
-            "kept_post_f1_at_10": round(at10["kept_post_f1"], 4),
-            "routed_top_label_error_ratio_at_10": round(at10["error_ratio"], 3),
-        }
-    measured["mean_post_f1"] = round(float(1.0 - risk.mean()), 4)
-    selector = fit_selector(x, risk)
-    return dataclasses.replace(selector, measured=measured)
+    measured["learned_shipped"] = keep
+    x_all = features(
+        mc,
+        thresholds,
+        expected_risk(mc.mean, thresholds, calibration.apply(mc.mean)),
+        counts,
+        batch,
+        neutral,
+    )
+    selector = dataclasses.replace(fit_selector(x_all, risk), measured=measured) if keep else None
+    return Routing(calibration, selector, measured)
+
+
+def write_routing(folder: Path, routing: Routing, labels: list[str]) -> None:
+    routing.calibration.write(folder, labels)
+    (folder / SELECTOR_FILE).unlink(missing_ok=True)
+    if routing.selector is not None:
+        routing.selector.write(folder)
