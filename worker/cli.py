@@ -598,9 +598,9 @@ def evaluate(
     err.print(f"reports and plots in {output_dir}")
 
 
-@app.command("calibrate-ood")
+@app.command()
 @one_line_errors
-def calibrate_ood(
+def calibrate(
     data: Annotated[
         Path | None,
         typer.Option(
@@ -615,62 +615,78 @@ def calibrate_ood(
         str, typer.Option(help="Languages the model reads (ISO 639-1), comma-separated.")
     ] = "en",
     false_alarm_rate: Annotated[
-        float, typer.Option(help="Share of in-distribution (dev) posts the cut may flag.")
+        float, typer.Option(help="Share of in-distribution (dev) posts the OOD cut may flag.")
     ] = 0.01,
     output: Annotated[
-        Path | None, typer.Option(help="Folder to write ood.json into; default: the model's.")
+        Path | None, typer.Option(help="Folder to write the files into; default: the model's.")
     ] = None,
 ) -> None:
-    """Fit the out-of-distribution signals of a model (density statistics on train, references
-    and cut on dev) and store them beside its weights."""
-    require_extra("train", "emoworker calibrate-ood")
+    """Fit what a model learns from dev beyond its thresholds and store it beside its weights:
+    the out-of-distribution signals (ood.json: density on train, references and cut on dev) and
+    the routing (calibration.json, and selector.json when the learned score measures better)."""
+    require_extra("train", "emoworker calibrate")
     from rich.progress import Progress
 
     from worker.datasets import default_data_dir, missing_data_message
     from worker.inference.engine import EngineConfig
     from worker.inference.loading import load_classifier
-    from worker.ood.calibration import write_calibration
+    from worker.training.calibrate import fit_calibration, write_fitted
+    from worker.training.evaluation import predict_texts
     from worker.training.goemotions import load_dataset_dir
-    from worker.training.ood_fit import fit_ood
+    from worker.training.ood_fit import middle_layer
 
     folder = data if data is not None else default_data_dir()
     if not (folder / "train.tsv").is_file() or not (folder / "dev.tsv").is_file():
         raise CliError(missing_data_message(folder))
     settings = load_settings(model=ModelOptions(model, n_samples, mc_mode, precision))
+    target = output or model_folder(settings.model.path)
     classifier = load_classifier(settings.model)
-    target = output
-    if target is None:
-        path = Path(settings.model.path) if settings.model.path != "default" else None
-        if path is None:
-            from worker.bundle import default_bundle_path
-
-            path = default_bundle_path()
-        if not path.is_dir():
-            raise CliError("the model is not a local folder: give --output")
-        target = path
     target.mkdir(parents=True, exist_ok=True)
     _, train_split, dev_split = load_dataset_dir(folder)
     m = settings.model
-    engine = EngineConfig(n_samples=m.n_samples, mode=m.mc_mode, seed=0, precision=m.precision)
-    with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("OOD calibration", total=len(train_split) + len(dev_split))
-        calibration = fit_ood(
-            classifier,
-            train_split.texts,
-            train_split.targets,
-            dev_split.texts,
-            engine,
-            supported_languages=tuple(c.strip() for c in languages.split(",") if c.strip()),
-            false_alarm_rate=false_alarm_rate,
-            progress=lambda k: bar.advance(task, k),
-        )
-    write_calibration(target, calibration)
-    err.print(
-        f"OOD calibration written to {target}: signals {', '.join(calibration.signals)}; cut "
-        f"{calibration.cut:.3f} ({100 * false_alarm_rate:g} % of dev flagged; "
-        f"{100 * calibration.measured['false_alarm_rate_split_half']:.2f} % on the half of dev "
-        "the cut was not chosen on)"
+    engine = EngineConfig(
+        n_samples=m.n_samples,
+        mode=m.mc_mode,
+        seed=0,
+        precision=m.precision,
+        feature_layer=middle_layer(classifier),
     )
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("calibrating", total=2 * len(dev_split) + len(train_split))
+
+        def step(k: int) -> None:
+            bar.advance(task, k)
+
+        mc = predict_texts(classifier, dev_split.texts, engine_config=engine, progress=step)
+        ood, routing = fit_calibration(
+            classifier,
+            train_split,
+            dev_split,
+            mc,
+            engine,
+            languages=tuple(c.strip() for c in languages.split(",") if c.strip()),
+            false_alarm_rate=false_alarm_rate,
+            progress=step,
+        )
+    write_fitted(target, ood, routing, classifier.label_names)
+    r = routing.measured
+    err.print(
+        f"written to {target}: OOD signals {', '.join(ood.signals)}, cut {ood.cut:.3f} "
+        f"({100 * ood.measured['false_alarm_rate_split_half']:.2f} % of the dev half the cut was "
+        f"not chosen on flagged); expected-risk AURC {r['expected_risk']['aurc']:.4f} -> "
+        f"{r['expected_risk_calibrated']['aurc']:.4f} calibrated; learned score "
+        f"{'shipped' if routing.selector else 'not shipped'} (AURC {r['learned']['aurc']:.4f})"
+    )
+
+
+def model_folder(path: str) -> Path:
+    """The local folder of the model ``path`` names (the default bundle's for ``default``)."""
+    from worker.bundle import default_bundle_path
+
+    folder = default_bundle_path() if path == "default" else Path(path)
+    if not folder.is_dir():
+        raise CliError(f"{path} is not a local model folder: give --output")
+    return folder
 
 
 @app.command()

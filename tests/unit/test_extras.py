@@ -65,7 +65,7 @@ def test_extras_are_those_of_pyproject() -> None:
     [
         ("train", "train"),
         ("evaluate", "train"),
-        ("calibrate-ood", "train"),
+        ("calibrate", "train"),
         ("bundle combine", "train"),
         ("data ood-sets", "ood-sets"),
         ("bench", "bench"),

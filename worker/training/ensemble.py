@@ -33,12 +33,11 @@ from worker.bundle import (
 )
 from worker.inference.engine import EngineConfig
 from worker.inference.loading import load_classifier
-from worker.ood.calibration import write_calibration
 from worker.settings import ModelSettings
+from worker.training.calibrate import fit_calibration, write_fitted
 from worker.training.evaluation import calibration_report, predict_texts
 from worker.training.goemotions import load_dataset_dir
-from worker.training.ood_fit import fit_ood, middle_layer
-from worker.training.selector_fit import fit_routing, write_routing
+from worker.training.ood_fit import middle_layer
 
 WEIGHT_FILES = (
     "config.json",
@@ -121,15 +120,10 @@ def combine_bundles(
     first_only = dataclasses.replace(classifier, members=[])
     deterministic = predict_texts(first_only, dev_split.texts, mode="off")
     det = calibration_report(dev_split.targets, deterministic.mean)
-    log("fitting the out-of-distribution signals on the first member's features")
-    ood = fit_ood(
-        first_only, train_split.texts, train_split.targets, dev_split.texts, engine, dev_summary=mc
-    )
-    write_calibration(output, ood)
+    log("fitting the out-of-distribution signals and the routing (cross-fitted on dev)")
     classifier.thresholds = report["thresholds"]
-    log("fitting the routing: per-label calibration and the learned score (cross-fitted on dev)")
-    routing = fit_routing(classifier, dev_split, mc, ood)
-    write_routing(output, routing, names)
+    ood, routing = fit_calibration(classifier, train_split, dev_split, mc, engine)
+    write_fitted(output, ood, routing, names)
     manifest.metrics = {
         "split": "dev",
         "n_samples": n_samples,

@@ -1,4 +1,4 @@
-"""Fit the OOD calibration of a model (``emoworker calibrate-ood``, and ``emoworker train``).
+"""Fit the OOD calibration of a model (``emoworker calibrate``, ``train``, ``bundle combine``).
 
 1. density statistics: one deterministic pass over the training posts collects the middle encoder
    layer's mean-pooled output; class-conditional Gaussians with a shared covariance are fitted

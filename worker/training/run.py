@@ -17,12 +17,11 @@ import torch
 from worker.inference.adapters import OutputAdapter
 from worker.inference.engine import EngineConfig
 from worker.inference.loading import Classifier
-from worker.ood.calibration import write_calibration
+from worker.training.calibrate import fit_calibration, write_fitted
 from worker.training.evaluation import calibration_report, predict_texts
 from worker.training.export import WeightsKind, export_bundle
 from worker.training.goemotions import LabelledSplit, load_dataset_dir
-from worker.training.ood_fit import fit_ood, middle_layer
-from worker.training.selector_fit import fit_routing, write_routing
+from worker.training.ood_fit import middle_layer
 from worker.training.train import TrainConfig, TrainResult, train
 
 CHECKPOINT_DIR = "checkpoint"  # inside the bundle folder while training runs
@@ -157,10 +156,6 @@ def calibrate_and_export(
         n_samples=n_samples, mode="full", seed=0, feature_layer=middle_layer(classifier)
     )
     mc = predict_texts(classifier, dev_split.texts, engine_config=engine)
-    log("fitting the out-of-distribution signals (density on train, references on dev)")
-    ood = fit_ood(
-        classifier, train_split.texts, train_split.targets, dev_split.texts, engine, dev_summary=mc
-    )
     report = calibration_report(dev_split.targets, mc.mean)
     det_report = calibration_report(dev_split.targets, deterministic.mean)
     metrics = {
@@ -194,10 +189,10 @@ def calibrate_and_export(
         mc_mode="full",
         max_length=config.max_length,
     )
-    write_calibration(output, ood)
     classifier.thresholds = report["thresholds"]
-    routing = fit_routing(classifier, dev_split, mc, ood)
-    write_routing(output, routing, names)
+    log("fitting the out-of-distribution signals and the routing (cross-fitted on dev)")
+    ood, routing = fit_calibration(classifier, train_split, dev_split, mc, engine)
+    write_fitted(output, ood, routing, names)
     metrics["routing"] = routing.measured
     history = [h.__dict__ for h in result.history]
     (output / "training_history.json").write_text(json.dumps(history, indent=1) + "\n")
