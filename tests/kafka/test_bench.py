@@ -56,6 +56,9 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
             assert method["bound_fraction"] is None
         else:
             assert method["bound_fraction"] == pytest.approx(method["useful_gflops"] / bound, 0.01)
+    cost = written["ood_cost"]  # the signals' price, per post and on the default engine
+    assert cost["posts"] == 32 and cost["per_post_us"]["language_us"] > 0
+    assert len(cost["posts_per_s_with"]) == len(cost["posts_per_s_without"]) == 1
     by_name = {m["name"]: m for m in written["methods"]}
     # ratios are to the faster of the card's two arrangements
     card = max(by_name["emcoder_card"]["posts_per_s"], by_name["emcoder_sorted"]["posts_per_s"])

@@ -20,6 +20,7 @@ import torch
 
 from worker.bench.bound import measure_bounds
 from worker.bench.inference import engine_run, run_inference_bench
+from worker.bench.ood_cost import ood_cost
 from worker.bench.results import (
     DEFAULT_DEV,
     REPO,
@@ -313,6 +314,11 @@ def _run_bench(
         bounds=result["gemm_gflops"],
     ).result()
     log(markdown_table(result["methods"]))
+    default_engine = EngineConfig(n_samples=n_samples, mode="full", precision="auto")
+    result["ood_cost"] = executor.submit(
+        ood_cost, classifier, texts[: 32 if quick else 256], default_engine, 1 if quick else 3
+    ).result()
+    log(f"OOD signals: {result['ood_cost']}")
     if options.streaming:
         texts_all, _ = load_posts(options.data, 2000)
         result["streaming"] = asyncio.run(
