@@ -17,6 +17,15 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # of the MC passes: see inference/precision.py
 McMode = Literal["full", "fast", "off"]  # how the MC samples are drawn: see inference/engine.py
+# what ranks posts for review: see routing/policy.py (auto: learned when the model has one)
+ReviewScore = Literal[
+    "auto",
+    "learned",
+    "threshold_distance",
+    "expected_risk",
+    "mutual_information",
+    "predictive_entropy",
+]
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
@@ -130,14 +139,7 @@ class ReviewSettings(BaseModel):
     policy_file: Path | None = Field(
         None, description="TOML or YAML review policy; overrides the fields below when set."
     )
-    score: Literal[
-        "auto",
-        "learned",
-        "threshold_distance",
-        "expected_risk",
-        "mutual_information",
-        "predictive_entropy",
-    ] = Field(
+    score: ReviewScore = Field(
         "auto",
         description="What ranks posts for review (published as uncertainty.review_score): auto "
         "is learned (the model's risk selector) when its bundle has one, else expected_risk "

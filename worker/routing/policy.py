@@ -46,7 +46,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import numpy as np
 import yaml
@@ -60,19 +60,12 @@ from worker.routing.calibration import LabelCalibration
 from worker.routing.rate_cap import RateCap
 from worker.routing.selector import RiskSelector
 from worker.routing.selector import features as selector_features
-from worker.settings import OodSettings, ReviewSettings
+from worker.settings import OodSettings, ReviewScore, ReviewSettings
 
 MAX_LABEL_REASONS = 3
 OOD_PRIORITY = 50  # a post routed as out of distribution: its review score ranks nothing
 
-ScoreKind = Literal[
-    "auto",
-    "learned",
-    "threshold_distance",
-    "expected_risk",
-    "mutual_information",
-    "predictive_entropy",
-]
+ScoreKind = ReviewScore
 # the scores any summary gives (``learned`` needs the model's selector, ``auto`` picks)
 SCORE_KINDS: tuple[str, ...] = get_args(ScoreKind)[2:]
 # scores that mean nothing for a single deterministic pass (no MC spread): published as null then
