@@ -160,10 +160,17 @@ async def streaming_benches(
         # 1. transport ceiling (trivial inference; bench only)
         n_transport = 2_000 if quick else 60_000
         messages = post_messages(texts, repeat=n_transport // len(texts) + 1)[:n_transport]
-        for exactly_once, key in ((False, ""), (True, "_exactly_once")):
+        # the worker as configured by default (OOD signals on), the same with exactly-once, and
+        # without the OOD signals: what they cost a worker whose inference is nearly free
+        variants = (
+            (False, True, ""),
+            (True, True, "_exactly_once"),
+            (False, False, "_without_ood"),
+        )
+        for exactly_once, ood, key in variants:
             settings = bench_settings(
                 bootstrap, f"transport{key}-{stamp}", batch_size=512, max_in_flight_batches=8,
-                exactly_once=exactly_once,
+                exactly_once=exactly_once, ood={"enabled": ood},
             )  # fmt: skip
             transport = await saturated_throughput(
                 settings,
