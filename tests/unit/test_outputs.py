@@ -236,3 +236,63 @@ def test_the_default_limits_fit_the_broker_default() -> None:
     """With the default settings the largest event fits Kafka's default max.message.bytes."""
     broker_default = 1_048_588
     assert check_limits(TopicLimits({TOPICS.enriched: broker_default}), SETTINGS, 28) == []
+
+
+def test_the_fullest_event_beside_its_post_stays_under_the_estimate() -> None:
+    """Every label watch-listed and near its threshold, every rule on, the post flagged out of
+    distribution, the longest model name, topic and worker id: the enriched event and the review
+    request, less the post itself, stay under ``event_overhead_bytes`` (the limits' estimate)."""
+    import numpy as np
+
+    from schemas.labels import GOEMOTIONS_LABELS
+    from worker.inference.uncertainty import McSummary
+    from worker.kafka.topic_limits import event_overhead_bytes
+    from worker.ood.calibration import Reference
+    from worker.ood.scorer import OodBatch
+    from worker.routing.policy import ReviewPolicy
+    from worker.routing.router import Router
+    from worker.settings import OodSettings, ReviewSettings
+
+    labels, n = list(GOEMOTIONS_LABELS), len(GOEMOTIONS_LABELS)
+    thresholds = np.full(n, 0.5)
+    summary = McSummary(
+        mean=np.full((1, n), 0.4987654321),
+        std=np.full((1, n), 0.1234567891),
+        n_samples=np.array([30]),
+        predictive_entropy=np.array([19.123456789]),
+        expected_entropy=np.array([18.123456789]),
+        mutual_information=np.array([1.123456789]),
+        flip_rate=np.full((1, n), 0.4123),
+    )
+    signals = {k: np.array([123456.123456]) for k in ("language", "density", "tokens_per_word")}
+    ood = OodBatch(
+        signals=signals | {"unknown_share": np.array([0.123456])},
+        z={"language": np.array([99999.0])},
+        score=np.array([99999.123456]),
+        flagged=np.array([True]),
+        fired=["language"],
+        languages=None,
+        cut=1.2345678,
+        references={"language": Reference(0.0, 1.0)},
+        supported_languages=("en",),
+    )
+    review = ReviewSettings(
+        target_rate=None, watch_labels=labels, epistemic_cut=0.01, low_confidence_neutral=0.9
+    )
+    policy = ReviewPolicy(review, labels, thresholds, ood=OodSettings(max_per_minute=None))
+    model = {
+        "name": "m" * 512,
+        "revision": "sha256:" + "a" * 64,
+        "n_samples": 30,
+        "mc_mode": "full",
+        "precision": "bf16",
+    }
+    router = Router(policy, labels, thresholds, model, "w" * 128)
+    post = SocialPost(id="p", text="x")
+    source = {"topic": "t" * 249, "partition": 99999, "offset": 10**18, "timestamp_ms": 10**13}
+    [routed] = router.route([post], [source], summary, ood, [128])
+    review_bytes = routed.review_bytes()
+    assert review_bytes is not None
+    post_bytes = len(orjson.dumps(post.model_dump(mode="json")))
+    for value in (routed.enriched_bytes(), review_bytes):
+        assert len(value) - post_bytes < event_overhead_bytes(n)
