@@ -39,7 +39,8 @@ from worker.training.evaluation import calibration_report, predict_texts
 from worker.training.goemotions import load_dataset_dir
 from worker.training.ood_fit import middle_layer
 
-WEIGHT_FILES = (
+MEMBER_FILES = (  # what a member keeps: its weights, and its recipe and figures
+    "CARD.md",
     "config.json",
     "adapter_config.json",
     "adapter_model.safetensors",
@@ -71,7 +72,7 @@ def copy_members(paths: list[Path], manifests: list[BundleManifest], output: Pat
         target = output / f"member-{k}"
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir()
-        for name in WEIGHT_FILES:
+        for name in MEMBER_FILES:
             if (path / name).is_file():
                 shutil.copy2(path / name, target / name)
         metrics = {"source": str(path), **manifests[k - 1].metrics}
@@ -177,7 +178,8 @@ def write_ensemble_card(
             "|---|---|---|---:|",
             *rows,
             "",
-            "Each member folder keeps its training recipe (member.json, training_history.json).",
+            "Each member folder keeps its own card with its training recipe (CARD.md), its "
+            "figures (member.json) and its training history.",
             "",
             "## Dev figures (macro average over the labels)",
             "",
@@ -192,6 +194,32 @@ def write_ensemble_card(
             f"| ensemble MC mean | other half of dev (honest) | "
             f"{metrics['mc_macro_f1_split_half']:.4f} |",
             "",
+            *routing_lines(metrics.get("routing", {})),
         ]
     )
     (output / "CARD.md").write_text(card, encoding="utf-8")
+
+
+def routing_lines(routing: dict[str, Any]) -> list[str]:
+    """The card's routing table: each review score's cross-fitted dev figures."""
+    if not routing:
+        return []
+    lines = [
+        "## Routing on dev (cross-fitted; risk = 1 - per-post F1 under thresholds tuned on the "
+        "other half of dev)",
+        "",
+        f"All posts: per-post F1 {routing['mean_post_f1']:.4f}. Calibration error of the MC "
+        f"means {routing['ece_raw']:.4f}, {routing['ece_calibrated']:.4f} after per-label "
+        "calibration.",
+        "",
+        "| review score | AURC | kept F1 at 10 % | routed top-label error at 10 % |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in ("expected_risk", "expected_risk_calibrated", "learned"):
+        r = routing[name]
+        lines.append(
+            f"| {name} | {r['aurc']:.4f} | {r['kept_post_f1_at_10']:.4f} | "
+            f"{r['routed_top_label_error_ratio_at_10']:.2f}x |"
+        )
+    shipped = "shipped" if routing.get("learned_shipped") else "not shipped (it did not beat both)"
+    return [*lines, "", f"The learned score is {shipped}.", ""]

@@ -38,6 +38,7 @@ class Progress:
     position: int = 0
     running_loss: float = 0.0
     stale: int = 0
+    seconds: float = 0.0  # training time before this run started (earlier runs, resumed)
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
 

@@ -19,6 +19,7 @@ batches it already took; dropout's random state is saved with the checkpoint.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 import time
@@ -405,7 +406,7 @@ def train(
                     model,
                     optimiser,
                     schedule,
-                    at,
+                    dataclasses.replace(at, seconds=at.seconds + time.perf_counter() - started),
                     best_weights,
                     None if ema is None else {n: t.cpu() for n, t in ema.shadow.items()},
                 )
@@ -423,7 +424,7 @@ def train(
         tokenizer=tokenizer,
         history=[EvalResult(**h) for h in at.history],
         best=EvalResult(**at.best),
-        seconds=time.perf_counter() - started,
+        seconds=at.seconds + time.perf_counter() - started,  # resumed runs' time included
         config=copy.deepcopy(config),
     )
 
