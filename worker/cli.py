@@ -554,8 +554,9 @@ def evaluate(
     ood: Annotated[
         list[Path] | None,
         typer.Option(
-            help="Out-of-distribution posts (one per line, or JSON lines with text and lang), "
-            "repeatable: adds AUROC and false-alarm rate per OOD signal against DATA's posts."
+            help="Out-of-distribution posts: a file (one post per line, or JSON lines with text "
+            "and lang) or a folder of them (emoworker data ood-sets), repeatable: adds AUROC and "
+            "false-alarm rate per OOD signal and set against DATA's posts."
         ),
     ] = None,
     adapter: AdapterOpt = None,
@@ -577,11 +578,16 @@ def evaluate(
         model=ModelOptions(model, n_samples, mc_mode, precision, adapter, trust_remote_code)
     )
     classifier, split = load_evaluation(settings.model, data, labels, limit)
+    ood_files: list[Path] = []
     for path in ood or []:
-        if not path.is_file():
-            raise CliError(f"OOD file {path} does not exist")
+        if path.is_dir():
+            ood_files += sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl"))
+        elif path.is_file():
+            ood_files.append(path)
+        else:
+            raise CliError(f"OOD file or folder {path} does not exist")
     with Progress(console=err, transient=True) as bar:
-        total = len(split) * 2 + sum(len(p.read_text().splitlines()) for p in ood or [])
+        total = len(split) * 2 + sum(len(p.read_text().splitlines()) for p in ood_files)
         task = bar.add_task(f"MC Dropout, N = {settings.model.n_samples}", total=total)
         markdown = run_evaluation(
             classifier,
@@ -591,7 +597,7 @@ def evaluate(
             settings.model,
             seed=seed,
             progress=lambda k: bar.advance(task, k),
-            ood_files=ood,
+            ood_files=ood_files,
             settings=settings,
         )
     sys.stdout.write(markdown)
