@@ -20,10 +20,11 @@ from pydantic import (
     Field,
     StrictStr,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 SUPPORTED_INPUT_MAJOR = "1"
 MAX_ID_CHARS = 512
@@ -276,6 +277,12 @@ class ReviewRequest(BaseModel):
     requested_at: datetime
     worker_id: str
     source: KafkaSource | FileSource | None = None
+    request_id: str | None = Field(
+        None,
+        description="Identifies this request: the input record's topic:partition:offset (the "
+        "same when a post is processed again after a failure), else path:line or "
+        "id@requested_at. A verdict names it (since 1.4).",
+    )
 
 
 DeadLetterKind = Literal[
@@ -294,6 +301,10 @@ DeadLetterKind = Literal[
     "processing_error",
     "output_too_large",
     "output_unserialisable",
+    "unknown_post",
+    "unknown_label",
+    "request_mismatch",
+    "already_resolved",
 ]
 
 
@@ -337,9 +348,100 @@ class DeadLetter(BaseModel):
     )
 
 
+VerdictOutcome = Literal["labelled", "unreadable", "not_english", "skip"]
+
+
+class ReviewVerdict(BaseModel):
+    """A reviewer's decision on a review request (the verdicts topic, key = post id; since 1.4).
+
+    Produce it keyed by the post id with Kafka's default partitioner (murmur2; librdkafka
+    clients: ``partitioner=murmur2_random``) so that it meets its request in the same partition.
+    """
+
+    model_config = ConfigDict(title="ReviewVerdict")
+
+    schema_version: StrictStr = SCHEMA_VERSION
+    post_id: Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)] = Field(
+        description="The reviewed post's id."
+    )
+    request_id: Annotated[StrictStr, Field(max_length=MAX_ID_CHARS)] | None = Field(
+        None,
+        description="The review request answered (its request_id); null: the post's pending one.",
+    )
+    reviewer_id: Annotated[StrictStr, Field(min_length=1, max_length=MAX_ID_CHARS)] = Field(
+        description="Who decided."
+    )
+    outcome: VerdictOutcome = Field(
+        "labelled",
+        description="labelled (labels hold the reviewer's emotions), unreadable, not_english or "
+        "skip (labels empty: the post keeps no emotion labels from the review).",
+    )
+    labels: list[StrictStr] = Field(
+        default_factory=list, max_length=64, description="The emotions the reviewer chose."
+    )
+    note: Annotated[StrictStr, Field(max_length=4000)] | None = None
+    decided_at: AwareDatetime = Field(description="When the reviewer decided (RFC 3339).")
+    seconds_spent: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="Time the reviewer spent on the post."
+    )
+
+    _check_version = field_validator("schema_version")(check_schema_version)
+
+    @field_validator("labels")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _labels_match_outcome(self) -> ReviewVerdict:
+        if self.outcome == "labelled" and not self.labels:
+            raise PydanticCustomError("no_labels", "a labelled verdict needs at least one label")
+        if self.outcome != "labelled" and self.labels:
+            raise PydanticCustomError(
+                "labels_with_outcome",
+                "a verdict with outcome {outcome} has no labels",
+                {"outcome": self.outcome},
+            )
+        return self
+
+
+class FinalPost(BaseModel):
+    """A reviewed post with the reviewer's final word (the final topic, key = post id; since
+    1.4): the enriched event's content, the reviewer's labels, who decided and when, and whether
+    the model agreed."""
+
+    model_config = ConfigDict(title="FinalPost")
+
+    schema_version: str = SCHEMA_VERSION
+    id: str
+    post: SocialPost
+    labels: list[str] = Field(description="The final labels: the reviewer's.")
+    outcome: VerdictOutcome
+    decided_by: str = Field(description="The reviewer's id.")
+    decided_at: datetime
+    seconds_spent: float | None = None
+    note: str | None = None
+    model_labels: list[str] = Field(description="What the model predicted.")
+    model_agreed: bool | None = Field(
+        description="The reviewer chose exactly the model's labels (null unless labelled)."
+    )
+    emotions: list[EmotionScore]
+    uncertainty: UncertaintySummary
+    review_reasons: list[ReviewReason]
+    review_score: float
+    model: ModelInfo
+    request_id: str
+    requested_at: datetime
+    resolved_at: datetime
+    resolver_id: str
+    source: KafkaSource | FileSource | None = Field(None, description="The post's input record.")
+
+
 EVENT_MODELS: dict[str, type[BaseModel]] = {
     "social_post": SocialPost,
     "enriched_post": EnrichedPost,
     "review_request": ReviewRequest,
     "dead_letter": DeadLetter,
+    "review_verdict": ReviewVerdict,
+    "final_post": FinalPost,
 }

@@ -159,6 +159,22 @@ def run(
 
 @app.command()
 @one_line_errors
+def resolve(
+    bootstrap_servers: Annotated[
+        str | None, typer.Option(help="Kafka bootstrap servers (overrides the settings).")
+    ] = None,
+) -> None:
+    """Join reviewers' verdicts with their review requests: publish posts.final exactly once."""
+    from worker.logs import configure_logging
+    from worker.resolve.service import Resolver
+
+    settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})
+    configure_logging(settings.log_format, settings.log_level)
+    raise typer.Exit(asyncio.run(Resolver(settings).run()))
+
+
+@app.command()
+@one_line_errors
 def classify(
     input: Annotated[str, typer.Option("--input", "-i", help="JSON lines of posts; - for stdin.")],
     output: Annotated[
@@ -249,7 +265,10 @@ def classify(
 def schema(
     name: Annotated[
         str | None,
-        typer.Argument(help="social_post, enriched_post, review_request or dead_letter."),
+        typer.Argument(
+            help="social_post, enriched_post, review_request, dead_letter, review_verdict or "
+            "final_post."
+        ),
     ] = None,
     write: Annotated[bool, typer.Option(help="Write the files under schemas/.")] = False,
 ) -> None:
@@ -318,7 +337,12 @@ def topics_describe(
 @app.command()
 @one_line_errors
 def produce(
-    file: Annotated[Path, typer.Argument(help="JSON lines of posts, or a GoEmotions .tsv file.")],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="JSON lines of posts or verdicts (keyed by id, post_id), or a GoEmotions .tsv."
+        ),
+    ],
     topic: Annotated[
         str | None, typer.Option(help="Target topic (default: the input topic).")
     ] = None,
@@ -327,7 +351,7 @@ def produce(
     repeat: Annotated[int, typer.Option(help="Send the file this many times.")] = 1,
     bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
 ) -> None:
-    """Feed a topic from a file at a given rate (demos and load tests)."""
+    """Feed a topic from a file at a given rate (demos, load tests, verdicts)."""
     from worker.kafka.feed import feed_topic, read_feed
 
     settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})

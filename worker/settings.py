@@ -96,6 +96,19 @@ class TopicSettings(BaseModel):
         "posts.unsupported",
         description="Posts the model cannot read (out of distribution), when ood.action is topic.",
     )
+    verdicts: str = Field(
+        "posts.verdicts",
+        description="Reviewers' verdicts on review requests (key = post id; as many partitions "
+        "as the review topic).",
+    )
+    final: str = Field(
+        "posts.final", description="Reviewed posts with the reviewer's final word (resolver)."
+    )
+    verdicts_dead_letter: str = Field(
+        "posts.verdicts.dead-letter",
+        description="Verdicts the resolver cannot apply (malformed, unknown post, unknown label, "
+        "already resolved otherwise).",
+    )
 
 
 class HeaderSettings(BaseModel):
@@ -331,6 +344,34 @@ class OtelSettings(BaseModel):
     )
 
 
+class ResolverSettings(BaseModel):
+    """``emoworker resolve``: joins verdicts with their review requests (docs/feedback.md)."""
+
+    group_id: str = Field("emotion-stream-resolver", description="Consumer group of the resolvers.")
+    state_topic: str = Field(
+        "",
+        description="Compacted changelog of the pending review requests and resolved verdicts; "
+        "default: <group_id>-state (created at start with the review topic's partitions).",
+    )
+    verdict_wait_s: float = Field(
+        3600.0,
+        gt=0,
+        description="How long a verdict that arrived before its request waits for it; then it is "
+        "dead-lettered as unknown_post.",
+    )
+    transactional_id: str | None = Field(
+        None,
+        description="Stable transactional id (e.g. the pod name); default: "
+        "<group_id>-<worker_id>. A restarted resolver with the same id fences its old self.",
+    )
+    commit_interval_ms: int = Field(
+        200, ge=10, description="Longest a fetched verdict waits for its transaction."
+    )
+
+    def changelog(self) -> str:
+        return self.state_topic or f"{self.group_id}-state"
+
+
 class WorkerSettings(BaseSettings):
     """Everything the worker reads from its environment."""
 
@@ -349,6 +390,7 @@ class WorkerSettings(BaseSettings):
     ood: OodSettings = Field(default_factory=OodSettings)
     otel: OtelSettings = Field(default_factory=OtelSettings)
     headers: HeaderSettings = Field(default_factory=HeaderSettings)
+    resolver: ResolverSettings = Field(default_factory=ResolverSettings)
 
     group_id: str = Field("emotion-stream", description="Consumer group of the workers.")
     batch_size: int = Field(64, ge=1, description="Most posts in one inference batch.")

@@ -127,15 +127,18 @@ def settings_env(settings: WorkerSettings) -> dict[str, str]:
 
 
 class WorkerProcess:
-    """``emoworker run`` in a child process, with its log captured."""
+    """``emoworker run`` (or another long-running command: ``resolve``) in a child process, with
+    its log captured."""
 
-    def __init__(self, settings: WorkerSettings, log_path: Path, name: str = "worker") -> None:
+    def __init__(
+        self, settings: WorkerSettings, log_path: Path, name: str = "worker", command: str = "run"
+    ) -> None:
         env = {**os.environ, **settings_env(settings), "EMOWORKER_WORKER_ID": name}
         env["EMOWORKER_LOG_FORMAT"] = "json"
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in wait/kill)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "run"],
+            [sys.executable, "-m", "worker.cli", command],
             cwd=REPO,
             env=env,
             stdout=self._log,

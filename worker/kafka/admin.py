@@ -78,6 +78,21 @@ async def _wait_for_leaders(
         await asyncio.sleep(0.1)
 
 
+async def partition_counts(kafka: KafkaSettings, names: list[str]) -> dict[str, int]:
+    """Each topic's number of partitions (0: the topic does not exist)."""
+    admin = AIOKafkaAdminClient(**connection_kwargs(kafka))
+    await admin.start()
+    try:
+        described = await admin.describe_topics(names)
+    finally:
+        await admin.close()
+    counts = dict.fromkeys(names, 0)
+    for t in described:
+        if t["error_code"] == 0:
+            counts[t["topic"]] = len(t["partitions"])
+    return counts
+
+
 async def describe_topics(
     kafka: KafkaSettings, names: list[str], group_id: str
 ) -> list[tuple[str, int, int, int | None, int | None]]:

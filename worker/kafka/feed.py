@@ -23,7 +23,8 @@ class FeedResult:
 
 def read_feed(path: Path) -> list[tuple[bytes | None, bytes]]:
     """(key, value) pairs. JSON lines are sent as they are (bad lines too: that is a test feed's
-    point); TSV rows become ``SocialPost`` JSON with the comment id as id and key."""
+    point), keyed by their ``id`` (posts) or ``post_id`` (verdicts); TSV rows become
+    ``SocialPost`` JSON with the comment id as id and key."""
     if not path.is_file():
         raise FileNotFoundError(f"feed file {path} does not exist")
     if path.suffix.lower() == ".tsv":
@@ -41,8 +42,10 @@ def read_feed(path: Path) -> list[tuple[bytes | None, bytes]]:
         key: bytes | None = None
         try:
             doc: Any = orjson.loads(line)
-            if isinstance(doc, dict) and isinstance(doc.get("id"), str):
-                key = doc["id"].encode()
+            # a post's key is its id; a verdict's its post's id
+            key_id = doc.get("id", doc.get("key_id")) if isinstance(doc, dict) else None
+            if isinstance(key_id, str):
+                key = key_id.encode()
         except orjson.JSONDecodeError:
             pass
         pairs.append((key, line))

@@ -138,6 +138,16 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def request_id(post_id: str, source: dict[str, Any] | None, requested_at: str) -> str:
+    """A review request's id: its input record's coordinates, so that a post processed again
+    after a failure asks for the same review; without a source, the post id and the time."""
+    if source is not None and "offset" in source:
+        return f"{source['topic']}:{source['partition']}:{source['offset']}"
+    if source is not None and "line" in source:
+        return f"{source['path']}:{source['line']}"
+    return f"{post_id}@{requested_at}"
+
+
 def predicted_label_lists(mean: np.ndarray, thresholds: np.ndarray) -> list[list[int]]:
     """Per row of ``mean`` (B, L), the predicted labels (``policy.predicted_mask``: at or above
     their threshold, else the most probable one), most probable first; never empty."""
@@ -298,6 +308,7 @@ class Router:
                     "requested_at": processed_at,
                     "worker_id": self.worker_id,
                     "source": sources[i],
+                    "request_id": request_id(post.id, sources[i], processed_at),
                 }
             out.append(
                 RoutedPost(

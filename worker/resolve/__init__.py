@@ -1,0 +1,1 @@
+"""The resolver: reviewers' verdicts joined with their review requests (``emoworker resolve``)."""

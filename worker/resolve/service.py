@@ -1,0 +1,294 @@
+"""``emoworker resolve``: verdicts joined with their review requests, published exactly once.
+
+One consumer group (``resolver.group_id``) reads the review and the verdicts topics; the range
+assignor gives each resolver the same partition numbers of both, so that a post's request and
+its verdicts (both keyed by the post id) meet in one process. Each fetched batch is one Kafka
+transaction:
+
+1. every record of the batch goes through the join rules (``join.ResolveState``), in order;
+2. waiting verdicts past ``verdict_wait_s`` are dead-lettered;
+3. in one transaction: the final events, the dead letters, the changelog records of every state
+   change, and the consumed offsets;
+4. committed: the state in memory, the changelog and the offsets agree.
+
+On assignment, each partition's state is read back from the changelog (read_committed: an
+aborted transaction's changes are not seen) before its records are consumed; on revocation the
+batch in flight commits first (a lock), then the partition's state is dropped. A resolver killed
+mid-transaction leaves an open transaction that is aborted when it restarts with the same
+transactional id, or after ``transaction_timeout_ms``: its batch is consumed again by the next
+owner, whose state does not include the aborted changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from worker.exit_codes import EXIT_CONFIG, EXIT_DELIVERY, EXIT_KAFKA, EXIT_OK, FatalError
+from worker.http import HealthServer
+from worker.kafka.admin import ensure_topics, partition_counts
+from worker.kafka.clients import build_consumer, build_producer, connection_kwargs
+from worker.resolve.join import Outcome, ResolveState
+from worker.settings import WorkerSettings
+
+log = structlog.get_logger("worker.resolve")
+
+
+class ResolverMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.records = Counter(
+            "emoresolver_records",
+            "Records read, by topic kind (request, verdict) and outcome (pending, resolved, "
+            "waiting, duplicate, dead_letter, expired).",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.transactions = Counter(
+            "emoresolver_transactions", "Transactions committed.", registry=self.registry
+        )
+        self.pending = Gauge(
+            "emoresolver_pending_requests",
+            "Review requests waiting for a verdict (owned partitions).",
+            registry=self.registry,
+        )
+        self.waiting = Gauge(
+            "emoresolver_waiting_verdicts",
+            "Verdicts waiting for their request (owned partitions).",
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Resolver:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.resolver = settings.resolver
+        self.topics = settings.topics
+        self.state = ResolveState(settings.worker_id, settings.resolver.verdict_wait_s)
+        self.metrics = ResolverMetrics()
+        self._lock = asyncio.Lock()
+        self._stop = asyncio.Event()
+        self._ready = False
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.request_stop)
+        http = HealthServer.of(
+            self.settings,
+            self.metrics.exposition,
+            lambda: True,
+            lambda: (self._ready, "ready" if self._ready else "starting"),
+        )
+        if self.settings.http_port:
+            await http.start()
+        try:
+            await self._run()
+            return EXIT_OK
+        except FatalError as exc:
+            log.error("resolver stopped", reason=str(exc), exit_code=exc.exit_code)
+            return exc.exit_code
+        finally:
+            await http.stop()
+
+    async def _run(self) -> None:
+        partitions = await self._prepare_topics()
+        producer = build_producer(
+            self.settings.kafka,
+            transactional_id=self.resolver.transactional_id
+            or f"{self.resolver.group_id}-{self.settings.worker_id}",
+            transaction_timeout_ms=self.settings.transaction_timeout_ms,
+        )
+        consumer = build_consumer(
+            self.settings.kafka,
+            self.resolver.group_id,
+            max_poll_records=500,
+            partition_assignment_strategy=(RangePartitionAssignor,),
+        )
+        try:
+            await producer.start()
+            await consumer.start()
+        except KafkaError as exc:
+            raise FatalError(f"cannot reach Kafka: {exc}", EXIT_KAFKA) from exc
+        try:
+            consumer.subscribe(
+                [self.topics.review, self.topics.verdicts], listener=_Rebalance(self)
+            )
+            log.info("resolver started", changelog=self.resolver.changelog(), partitions=partitions)
+            while not self._stop.is_set():
+                batch = await consumer.getmany(timeout_ms=self.resolver.commit_interval_ms)
+                async with self._lock:
+                    await self._commit(producer, self._process(batch))
+        finally:
+            self._ready = False
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+            with contextlib.suppress(Exception):
+                await producer.stop()
+            log.info("resolver stopped cleanly" if self._stop.is_set() else "resolver stopping")
+
+    async def _prepare_topics(self) -> int:
+        """The verdicts topic has as many partitions as the review topic (co-partitioned: a
+        post's verdict lands in the partition of its request); the changelog (compacted), the
+        final and the dead-letter topics are created if missing. Returns the partition count."""
+        kafka, review, verdicts = self.settings.kafka, self.topics.review, self.topics.verdicts
+        try:
+            counts = await partition_counts(kafka, [review, verdicts])
+            if counts[review] == 0:
+                raise FatalError(f"review topic {review!r} does not exist", EXIT_CONFIG)
+            n = counts[review]
+            await ensure_topics(kafka, [verdicts, self.topics.final], n)
+            await ensure_topics(kafka, [self.topics.verdicts_dead_letter], n)
+            await ensure_topics(
+                kafka, [self.resolver.changelog()], n, configs={"cleanup.policy": "compact"}
+            )
+            counts = await partition_counts(kafka, [verdicts, self.resolver.changelog()])
+        except (KafkaError, OSError, TimeoutError) as exc:
+            raise FatalError(f"cannot reach Kafka: {exc}", EXIT_KAFKA) from exc
+        for topic, count in counts.items():
+            if count != n:
+                raise FatalError(
+                    f"topic {topic!r} has {count} partitions and the review topic {review!r} "
+                    f"{n}: they must have as many (a post's records must meet in one partition)",
+                    EXIT_CONFIG,
+                )
+        return n
+
+    # ── one batch ───────────────────────────────────────────────────────────────────────────
+
+    def _process(
+        self, batch: dict[TopicPartition, list[Any]]
+    ) -> tuple[list[tuple[int, Outcome]], dict[TopicPartition, int]]:
+        now = time.time()
+        outcomes: list[tuple[int, Outcome]] = []
+        offsets: dict[TopicPartition, int] = {}
+        for tp, records in batch.items():
+            is_request = tp.topic == self.topics.review
+            for record in records:
+                source = {"topic": tp.topic, "partition": tp.partition, "offset": record.offset}
+                if is_request:
+                    outcome = self.state.on_request(tp.partition, record.value, source, now)
+                else:
+                    outcome = self.state.on_verdict(tp.partition, record.value, source, now)
+                self.metrics.records.labels(
+                    "request" if is_request else "verdict", outcome.kind
+                ).inc()
+                outcomes.append((tp.partition, outcome))
+                offsets[tp] = record.offset + 1
+        for partition, outcome in self.state.expire(now):
+            self.metrics.records.labels("verdict", outcome.kind).inc()
+            outcomes.append((partition, outcome))
+        return outcomes, offsets
+
+    async def _commit(
+        self,
+        producer: AIOKafkaProducer,
+        work: tuple[list[tuple[int, Outcome]], dict[TopicPartition, int]],
+    ) -> None:
+        outcomes, offsets = work
+        if not outcomes and not offsets:
+            return
+        topic = {
+            "final": self.topics.final,
+            "dead_letter": self.topics.verdicts_dead_letter,
+            "state": self.resolver.changelog(),
+        }
+        try:
+            async with producer.transaction():
+                sent = []
+                for partition, outcome in outcomes:
+                    for out in outcome.outputs:
+                        sent.append(
+                            await producer.send(
+                                topic[out.sink],
+                                out.value,
+                                key=out.key,
+                                partition=partition if out.sink == "state" else None,
+                            )
+                        )
+                await asyncio.gather(*sent)
+                if offsets:
+                    await producer.send_offsets_to_transaction(offsets, self.resolver.group_id)
+        except KafkaError as exc:
+            raise FatalError(
+                f"resolver transaction failed ({type(exc).__name__}: {exc}); it was aborted and "
+                "its records will be read again",
+                EXIT_DELIVERY,
+            ) from exc
+        self.metrics.transactions.inc()
+        self.metrics.pending.set(self.state.pending_requests())
+        self.metrics.waiting.set(self.state.waiting_verdicts())
+        for _, outcome in outcomes:
+            if outcome.kind in ("resolved", "dead_letter", "expired"):
+                log.info(f"verdict {outcome.kind.replace('_', ' ')}", records=len(outcome.outputs))
+
+    # ── ownership ───────────────────────────────────────────────────────────────────────────
+
+    async def restore(self, partitions: list[int]) -> None:
+        """Read each partition's changelog to its end (read_committed) into the state."""
+        if not partitions:
+            return
+        changelog = self.resolver.changelog()
+        reader = AIOKafkaConsumer(
+            **connection_kwargs(self.settings.kafka),
+            enable_auto_commit=False,
+            isolation_level="read_committed",
+        )
+        await reader.start()
+        started = time.monotonic()
+        try:
+            tps = [TopicPartition(changelog, p) for p in partitions]
+            reader.assign(tps)
+            await reader.seek_to_beginning(*tps)
+            ends = await reader.end_offsets(tps)
+            records: dict[int, list[tuple[bytes, bytes | None]]] = {p: [] for p in partitions}
+            while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
+                batch = await reader.getmany(*tps, timeout_ms=500)
+                for tp, got in batch.items():
+                    records[tp.partition].extend((r.key, r.value) for r in got if r.key)
+            for p in partitions:
+                self.state.restore(p, records[p])
+        finally:
+            await reader.stop()
+        log.info(
+            "resolver state restored",
+            partitions=partitions,
+            records=sum(len(r) for r in records.values()),
+            pending=self.state.pending_requests(),
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, resolver: Resolver) -> None:
+        self.resolver = resolver
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        async with self.resolver._lock:  # the batch in flight commits first
+            for p in {tp.partition for tp in revoked}:
+                self.resolver.state.drop(p)
+        self.resolver._ready = False
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        review = self.resolver.topics.review
+        partitions = sorted({tp.partition for tp in assigned if tp.topic == review})
+        async with self.resolver._lock:
+            await self.resolver.restore(partitions)
+        self.resolver._ready = True
+        log.info("partitions assigned", partitions=partitions)
