@@ -9,6 +9,7 @@ from typing import Any
 from schemas.events import (
     EVENT_MODELS,
     SCHEMA_VERSION,
+    BundleRelease,
     DeadLetter,
     DeadLetterError,
     DeadLetterKind,
@@ -19,6 +20,7 @@ from schemas.events import (
     FinalPost,
     KafkaSource,
     ModelInfo,
+    ModelRollout,
     OodSignals,
     OodSummary,
     RecordHeader,
@@ -61,6 +63,7 @@ def write_json_schemas(directory: Path = SCHEMA_DIR) -> list[Path]:
 __all__ = [
     "EVENT_MODELS",
     "SCHEMA_VERSION",
+    "BundleRelease",
     "DeadLetter",
     "DeadLetterError",
     "DeadLetterKind",
@@ -71,6 +74,7 @@ __all__ = [
     "FinalPost",
     "KafkaSource",
     "ModelInfo",
+    "ModelRollout",
     "OodSignals",
     "OodSummary",
     "RecordHeader",

@@ -217,6 +217,11 @@ class ModelInfo(BaseModel):
     precision: str | None = Field(
         None, description="Matmul precision of the MC passes: fp32, bf16 or fp16 (since 1.1)."
     )
+    rollout_version: int | None = Field(
+        None,
+        description="The rollout (control topic) this model came from; null: the configured "
+        "model (since 1.4).",
+    )
 
 
 class KafkaSource(BaseModel):
@@ -437,6 +442,37 @@ class FinalPost(BaseModel):
     source: KafkaSource | FileSource | None = Field(None, description="The post's input record.")
 
 
+class BundleRelease(BaseModel):
+    """One model release: a bundle and, optionally, thresholds recalibrated from verdicts."""
+
+    version: int = Field(
+        ge=0,
+        description="Increases with every promotion or rollback; 0: the model the workers were "
+        "configured with before the first release.",
+    )
+    model_path: str = Field(description="The bundle's folder, as every worker sees it.")
+    revision: str | None = Field(None, description="Content hash of the bundle's weights.")
+    thresholds: dict[str, float] | None = Field(
+        None, description="Per-label thresholds replacing the bundle's (null: the bundle's)."
+    )
+    reason: Literal["configured", "promote", "thresholds", "rollback"]
+    note: str | None = None
+    announced_at: datetime
+    announced_by: str
+
+
+class ModelRollout(BaseModel):
+    """The model the workers should run (the control topic, key ``rollout``; since 1.4)."""
+
+    model_config = ConfigDict(title="ModelRollout")
+
+    schema_version: str = SCHEMA_VERSION
+    current: BundleRelease
+    previous: list[BundleRelease] = Field(
+        default_factory=list, description="Earlier releases, most recent first (at most 10)."
+    )
+
+
 EVENT_MODELS: dict[str, type[BaseModel]] = {
     "social_post": SocialPost,
     "enriched_post": EnrichedPost,
@@ -444,4 +480,5 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
     "dead_letter": DeadLetter,
     "review_verdict": ReviewVerdict,
     "final_post": FinalPost,
+    "model_rollout": ModelRollout,
 }

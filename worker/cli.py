@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -34,6 +35,10 @@ data_app = typer.Typer(
 app.add_typer(data_app, name="data")
 bundle_app = typer.Typer(help="Build model bundles from trained ones.", no_args_is_help=True)
 app.add_typer(bundle_app, name="bundle")
+rollout_app = typer.Typer(
+    help="Release models to the running workers (the control topic).", no_args_is_help=True
+)
+app.add_typer(rollout_app, name="rollout")
 err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -707,6 +712,261 @@ def calibrate(
         f"{r['expected_risk_calibrated']['aurc']:.4f} calibrated; learned score "
         f"{'shipped' if routing.selector else 'not shipped'} (AURC {r['learned']['aurc']:.4f})"
     )
+
+
+CanaryOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Held-out labelled posts (GoEmotions .tsv) the gate scores both models on; never "
+        "train on them."
+    ),
+]
+ToleranceOpt = Annotated[
+    float, typer.Option(help="How much lower the candidate's canary macro-F1 may be.")
+]
+
+
+def _gate_against_current(
+    settings: WorkerSettings, candidate_path: str, canary: Path, tolerance: float
+) -> Any:
+    """Score the candidate and the model in use (the current release, else the configured
+    model) on the canary set; the gate's result."""
+    import numpy as np
+
+    from worker.feedback.rollout import read_rollout
+    from worker.inference.engine import EngineConfig
+    from worker.inference.loading import load_classifier
+    from worker.training.gate import gate
+    from worker.training.goemotions import read_tsv
+
+    rollout, _ = asyncio.run(read_rollout(settings.kafka, settings.topics.control))
+    current_path = rollout.current.model_path if rollout is not None else settings.model.path
+    current = load_classifier(settings.model.model_copy(update={"path": current_path}))
+    if rollout is not None and rollout.current.thresholds:
+        current.thresholds = np.array(
+            [rollout.current.thresholds.get(n, t) for n, t in
+             zip(current.label_names, current.thresholds, strict=True)]
+        )  # fmt: skip
+    candidate = load_classifier(settings.model.model_copy(update={"path": candidate_path}))
+    split = read_tsv(canary, len(current.label_names))
+    m = settings.model
+    engine = EngineConfig(n_samples=m.n_samples, mode=m.mc_mode, seed=0, precision=m.precision)
+    return gate(candidate, current, split, engine, tolerance)
+
+
+@rollout_app.command("promote")
+@one_line_errors
+def rollout_promote(
+    model: Annotated[str, typer.Argument(help="The bundle folder, as every worker sees it.")],
+    canary: CanaryOpt = None,
+    tolerance: ToleranceOpt = 0.0,
+    note: Annotated[str | None, typer.Option(help="Why, for the release history.")] = None,
+    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+) -> None:
+    """Announce a bundle to every running worker; with --canary, only if it scores at least as
+    well as the model in use."""
+    from worker.feedback.rollout import promote
+    from worker.inference.loading import load_classifier
+
+    settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})
+    if canary is not None:
+        require_extra("train", "emoworker rollout promote --canary")
+        result = _gate_against_current(settings, model, canary, tolerance)
+        err.print(result.line())
+        if not result.passed:
+            raise CliError(f"not promoted: {result.line()}")
+    revision = load_classifier(settings.model.model_copy(update={"path": model})).revision
+    rollout = asyncio.run(promote(settings, model, revision, note=note))
+    err.print(f"version {rollout.current.version}: {model} (revision {revision}) announced")
+
+
+@rollout_app.command("rollback")
+@one_line_errors
+def rollout_rollback(
+    note: Annotated[str | None, typer.Option(help="Why, for the release history.")] = None,
+    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+) -> None:
+    """Make the release before the current one current again."""
+    from worker.feedback.rollout import rollback
+
+    settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})
+    try:
+        rollout = asyncio.run(rollback(settings, note))
+    except LookupError as exc:
+        raise CliError(str(exc)) from exc
+    c = rollout.current
+    err.print(f"version {c.version}: back to {c.model_path} (revision {c.revision})")
+
+
+@rollout_app.command("status")
+@one_line_errors
+def rollout_status(
+    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+) -> None:
+    """The current release and the ones before it."""
+    from worker.feedback.rollout import read_rollout
+
+    settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})
+    rollout, _ = asyncio.run(read_rollout(settings.kafka, settings.topics.control))
+    if rollout is None:
+        err.print(f"no release announced: workers run {settings.model.path}")
+        return
+    from rich.table import Table
+
+    table = Table("version", "reason", "model", "revision", "thresholds", "announced")
+    for r in [rollout.current, *rollout.previous]:
+        table.add_row(
+            str(r.version), r.reason, r.model_path, r.revision or "-",
+            str(len(r.thresholds or {})), f"{r.announced_at:%Y-%m-%d %H:%M} {r.announced_by}",
+        )  # fmt: skip
+    Console().print(table)
+
+
+@app.command()
+@one_line_errors
+def learn(
+    canary: CanaryOpt = None,
+    thresholds_only: Annotated[
+        bool,
+        typer.Option(
+            help="Only recalibrate the model in use's thresholds from the verdicts (cheap)."
+        ),
+    ] = False,
+    data: Annotated[
+        Path | None,
+        typer.Option(help=f"Folder with train.tsv, dev.tsv, labels.txt; default: {FETCHED}."),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option(help="Folder for the candidate bundle and its data.")
+    ] = Path("runs/learn"),
+    epochs: Annotated[float, typer.Option(help="Training epochs.")] = 4.0,
+    max_train_posts: Annotated[
+        int, typer.Option(help="Smoke runs: train on at most this many.")
+    ] = 0,
+    promote_it: Annotated[
+        bool, typer.Option("--promote", help="Announce the result if it passes the gate.")
+    ] = False,
+    tolerance: ToleranceOpt = 0.0,
+    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+) -> None:
+    """Learn from the reviewers' verdicts (the final topic): recalibrate the thresholds, or
+    fine-tune on train + verdicts, gate the new bundle on a canary set and promote it."""
+    import numpy as np
+
+    from worker.feedback.rollout import promote, read_rollout
+    from worker.feedback.verdict_data import read_final_events
+
+    settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})
+    events = asyncio.run(read_final_events(settings.kafka, settings.topics.final))
+    rollout, _ = asyncio.run(read_rollout(settings.kafka, settings.topics.control))
+    current = rollout.current.model_path if rollout is not None else settings.model.path
+    err.print(f"{len(events)} reviewed posts in {settings.topics.final}; model in use {current}")
+    if thresholds_only:
+        from worker.feedback.thresholds import recalibrate
+        from worker.feedback.verdict_data import recalibration_inputs
+        from worker.inference.loading import load_classifier
+
+        classifier = load_classifier(settings.model.model_copy(update={"path": current}))
+        base = dict(zip(classifier.label_names, classifier.thresholds.tolist(), strict=True))
+        if rollout is not None and rollout.current.thresholds:
+            base |= rollout.current.thresholds
+        names = classifier.label_names
+        v = recalibration_inputs(events, names, classifier.revision)
+        result = recalibrate(
+            v.probabilities, v.labels, v.reviewers, np.array([base[n] for n in names]), names
+        )
+        for name, (old, new) in result.changed.items():
+            print(f"{name}: {old:.3f} -> {new:.3f}")
+        err.print(f"{len(v.reviewers)} verdicts on this model: {len(result.changed)} labels moved")
+        if promote_it and result.changed:
+            moved = dict(zip(names, result.thresholds.tolist(), strict=True))
+            r = asyncio.run(promote(settings, current, classifier.revision, moved, "thresholds"))
+            err.print(f"version {r.current.version}: thresholds announced")
+        return
+    require_extra("train", "emoworker learn")
+    if canary is None:
+        raise CliError("--canary is required to gate a fine-tuned bundle")
+    from worker.datasets import default_data_dir, missing_data_message
+    from worker.feedback.verdict_data import training_rows
+    from worker.inference.loading import load_classifier
+    from worker.training.run import run_training, write_training_data
+    from worker.training.train import TrainConfig, default_base_model
+
+    folder = data if data is not None else default_data_dir()
+    if not (folder / "train.tsv").is_file() or not (folder / "dev.tsv").is_file():
+        raise CliError(missing_data_message(folder))
+    rows = training_rows(events)
+    data_dir = write_training_data(folder, rows, output / "data")
+    err.print(f"training on {folder}/train.tsv + {len(rows)} reviewed posts")
+    candidate = output / "bundle"
+    config = TrainConfig(
+        base_model=default_base_model(), epochs=epochs, max_train_posts=max_train_posts
+    )
+    run_training(data_dir, candidate, config, "lora", settings.model.n_samples, log=err.print)
+    result = _gate_against_current(settings, str(candidate.resolve()), canary, tolerance)
+    (output / "gate.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
+    err.print(result.line())
+    if not result.passed:
+        raise CliError(f"not promoted: {result.line()}")
+    if promote_it:
+        revision = load_classifier(
+            settings.model.model_copy(update={"path": str(candidate.resolve())})
+        ).revision
+        r = asyncio.run(promote(settings, str(candidate.resolve()), revision, note="learn"))
+        err.print(f"version {r.current.version}: {candidate} announced")
+
+
+@app.command("simulate-feedback")
+@one_line_errors
+def simulate_feedback(
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"Folder with train.tsv and dev.tsv (GoEmotions format); default: {FETCHED}."
+        ),
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Folder for the JSON, table and plot.")] = Path(
+        "runs/feedback-simulation"
+    ),
+    rounds: Annotated[int, typer.Option(help="Chunks the unlabelled posts stream in.")] = 10,
+    seeds: Annotated[str, typer.Option(help="Seeds, comma-separated (one run each).")] = "0,1,2",
+    budget: Annotated[float, typer.Option(help="Share of each chunk sent to review.")] = 0.05,
+    initial_share: Annotated[float, typer.Option(help="Share of train labelled at start.")] = 0.2,
+    base_model: Annotated[
+        str | None, typer.Option(help="Frozen encoder (default: the packaged MiniLM-L6 base).")
+    ] = None,
+) -> None:
+    """The feedback loop on GoEmotions: routing by the product's score, by mutual information and
+    at random, the reviewers answering with the gold labels; dev macro-F1 by verdicts."""
+    require_extra("train", "emoworker simulate-feedback")
+    from worker.datasets import default_data_dir, missing_data_message
+    from worker.training.feedback_sim import SimConfig, simulate, write_report
+    from worker.training.goemotions import load_dataset_dir
+    from worker.training.train import default_base_model
+
+    folder = data if data is not None else default_data_dir()
+    if not (folder / "train.tsv").is_file() or not (folder / "dev.tsv").is_file():
+        raise CliError(missing_data_message(folder))
+    names, train_split, dev_split = load_dataset_dir(folder)
+    config = SimConfig(
+        initial_share=initial_share,
+        budget=budget,
+        rounds=rounds,
+        seeds=[int(s) for s in seeds.split(",") if s.strip()],
+    )
+    result = simulate(
+        train_split,
+        dev_split,
+        names,
+        base_model or default_base_model(),
+        output / "cache",
+        config,
+        progress=err.print,
+    )
+    for path in write_report(result, output):
+        err.print(f"wrote {path}")
+    for key, row in result["summary"].items():
+        err.print(f"{key}: {json.dumps(row)}")
 
 
 def model_folder(path: str) -> Path:

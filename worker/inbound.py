@@ -52,3 +52,4 @@ class Batch:
     outputs: list[list[OutputRecord]] = field(default_factory=list)  # per item
     trace: BatchTrace | None = None  # with tracing on: the stages' spans are its children
     publish_span: StageSpan | None = None
+    model: Any = None  # the Model that tokenises and infers it (models swap between batches)

@@ -43,6 +43,7 @@ from worker.batching import MicroBatcher
 from worker.checkpoint import Checkpoint
 from worker.decoding import DecodeFailure, DecodeLimits, decode_post
 from worker.exit_codes import EXIT_DELIVERY, EXIT_KAFKA, EXIT_OK, FatalError
+from worker.feedback.hot_swap import ModelSwitch
 from worker.gc_freeze import freeze_long_lived_objects
 from worker.http import HealthServer
 from worker.inbound import Batch, Inbound
@@ -92,8 +93,6 @@ class Pipeline:
         )
         self.assigned: set[TopicPartition] = set()
         self.exactly_once = settings.exactly_once
-        self._classifier = classifier
-        self._processor_factory = processor_factory
         self._owns_model_thread = model_executor is None
         self._model_thread = model_executor or model_thread()
         self._cpu_thread = ThreadPoolExecutor(1, thread_name_prefix="emoworker-tokenize")
@@ -103,7 +102,7 @@ class Pipeline:
         self._fatal: FatalError | None = None
         self._froze_objects = False  # whether this pipeline's freeze was the process's first
         self._batches = 0
-        self._model: Model | None = None  # set once loaded
+        self.models = ModelSwitch(settings, classifier, processor_factory, self._model_thread)
         self._conn: Connection | None = None  # set once connected
         self._reader: RecordReader | None = None  # set once streaming
         self.http: HealthServer | None = None
@@ -131,6 +130,11 @@ class Pipeline:
         return self._fatal is None
 
     @property
+    def _model(self) -> Model | None:
+        """The model in use (None until loaded); a new release replaces it between batches."""
+        return self.models.current
+
+    @property
     def publisher(self) -> Publisher | None:
         return None if self._conn is None else self._conn.publisher
 
@@ -148,8 +152,9 @@ class Pipeline:
             if conn is None:
                 return EXIT_OK
             self._conn = conn
+            await self.models.catch_up()  # the current release, if one was announced
             conn.subscribe(self.settings, Rebalance(self.on_revoked, self.on_assigned))
-            await self._run_stages(model, conn)
+            await self._run_stages(conn)
         except FatalError as exc:
             self._fatal = exc
         finally:
@@ -168,14 +173,12 @@ class Pipeline:
             await self.http.start()
 
     async def _load_model(self) -> Model:
-        self._model = await Model.load(
-            self._classifier, self.settings, self._processor_factory, self._model_thread
-        )
+        model = await self.models.load_initial()
         self._froze_objects = freeze_long_lived_objects()
-        self.metrics.review_target.set(self._model.processor.policy.config.target_rate or 0)
-        return self._model
+        self.metrics.review_target.set(model.processor.policy.config.target_rate or 0)
+        return model
 
-    async def _run_stages(self, model: Model, conn: Connection) -> None:
+    async def _run_stages(self, conn: Connection) -> None:
         backlog = self.settings.max_in_flight_batches * self.settings.batch_size
         reader = RecordReader(
             conn.consumer,
@@ -189,11 +192,13 @@ class Pipeline:
         outputs = OutputBuilder(self.settings, conn.limits, self.header_policy)
         tasks = {
             asyncio.create_task(self._consume(reader), name="consume"),
-            asyncio.create_task(self._prepare(model), name="prepare"),
-            asyncio.create_task(self._infer(model, outputs), name="infer"),
+            asyncio.create_task(self._prepare(), name="prepare"),
+            asyncio.create_task(self._infer(outputs), name="infer"),
             asyncio.create_task(self._publish(conn), name="publish"),
             asyncio.create_task(report_lag(conn.consumer, lambda: self.assigned, self.metrics)),
         }
+        if self.settings.follow_rollouts:
+            tasks.add(asyncio.create_task(self.models.follow(), name="follow rollouts"))
         if not self.exactly_once:
             commits = self.checkpoint.commit_every_interval(conn.consumer, lambda: self.assigned)
             tasks.add(asyncio.create_task(commits, name="commit"))
@@ -274,14 +279,15 @@ class Pipeline:
 
     # ── stage 2: batch and tokenise ─────────────────────────────────────────────────────────
 
-    async def _prepare(self, model: Model) -> None:
+    async def _prepare(self) -> None:
         loop = asyncio.get_running_loop()
         while (items := await self.batcher.next_batch()) is not None:
+            model = self.models.model
             items = self.checkpoint.admit(items, self.assigned)
             if not items:
                 continue
             self._batches += 1
-            batch = Batch(self._batches, items)
+            batch = Batch(self._batches, items, model=model)  # tokenised, inferred by it
             batch.trace = start_batch_trace(
                 self.tracing, batch.number, items, self.settings.group_id
             )
@@ -300,12 +306,11 @@ class Pipeline:
 
     # ── stage 3: MC Dropout inference and routing ───────────────────────────────────────────
 
-    async def _infer(self, model: Model, outputs: OutputBuilder) -> None:
+    async def _infer(self, outputs: OutputBuilder) -> None:
         loop = asyncio.get_running_loop()
-        n_samples = model.processor.engine.n_samples
 
         def run(batch: Batch) -> list[list[OutputRecord]]:  # in the model thread
-            routed = model.isolation.route(batch.number, batch.items, batch.token_ids)
+            routed = batch.model.isolation.route(batch.number, batch.items, batch.token_ids)
             return [
                 outputs.records(
                     i, routed.get((i.tp, i.offset)), i.trace.headers() if i.trace else ()
@@ -329,7 +334,7 @@ class Pipeline:
             if valid:
                 self.metrics.batch_size.observe(valid)
                 self.metrics.inference_seconds.observe(seconds)
-                self.metrics.mc_samples.inc(valid * n_samples)
+                self.metrics.mc_samples.inc(valid * batch.model.processor.engine.n_samples)
             await self._publish_q.put(batch)
         await self._publish_q.put(None)
 

@@ -104,6 +104,11 @@ class TopicSettings(BaseModel):
     final: str = Field(
         "posts.final", description="Reviewed posts with the reviewer's final word (resolver)."
     )
+    control: str = Field(
+        "posts.control",
+        description="Model rollouts (one partition, compacted): workers follow it and swap "
+        "models between batches (emoworker rollout).",
+    )
     verdicts_dead_letter: str = Field(
         "posts.verdicts.dead-letter",
         description="Verdicts the resolver cannot apply (malformed, unknown post, unknown label, "
@@ -348,8 +353,8 @@ class ResolverSettings(BaseModel):
     """``emoworker resolve``: joins verdicts with their review requests (docs/feedback.md)."""
 
     group_id: str = Field("emotion-stream-resolver", description="Consumer group of the resolvers.")
-    state_topic: str = Field(
-        "",
+    state_topic: str | None = Field(
+        None,
         description="Compacted changelog of the pending review requests and resolved verdicts; "
         "default: <group_id>-state (created at start with the review topic's partitions).",
     )
@@ -422,6 +427,11 @@ class WorkerSettings(BaseSettings):
     )
     dead_letter_payload_bytes: int = Field(
         65_536, ge=0, description="How much of a bad message is copied into its dead letter."
+    )
+    follow_rollouts: bool = Field(
+        True,
+        description="Run the model the control topic names and swap to each new release "
+        "between batches (no effect until a release is announced).",
     )
     exactly_once: bool = Field(
         False,

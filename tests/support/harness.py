@@ -31,10 +31,13 @@ class Topics:
     dead_letter: str
     group_id: str
     unsupported: str = ""  # empty: "<enriched>-unsupported"
+    control: str = ""  # empty: "<enriched>-control"
 
     def __post_init__(self) -> None:
         if not self.unsupported:
             self.unsupported = f"{self.enriched}-unsupported"
+        if not self.control:
+            self.control = f"{self.enriched}-control"
 
     def settings_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +46,7 @@ class Topics:
             "review": self.review,
             "dead_letter": self.dead_letter,
             "unsupported": self.unsupported,
+            "control": self.control,
         }
 
 

@@ -22,6 +22,10 @@ COMMANDS = [
     "produce",
     "replay",
     "schema",
+    "resolve",
+    "learn",
+    "rollout",
+    "simulate-feedback",
 ]
 
 

@@ -103,6 +103,26 @@ the honest figure for data the thresholds were not tuned on.
 """
 
 
+def write_training_data(
+    data_dir: Path, reviewed: list[tuple[str, list[str], str]], output: Path
+) -> Path:
+    """A data folder for ``run_training``: ``data_dir``'s train.tsv with the reviewed posts (text,
+    the reviewers' labels, id) appended, its dev.tsv and labels; returns the folder."""
+    names, _, _ = load_dataset_dir(data_dir)
+    index = {name: j for j, name in enumerate(names)}
+    output.mkdir(parents=True, exist_ok=True)
+    lines = [(data_dir / "train.tsv").read_text(encoding="utf-8").rstrip("\n")]
+    for text, labels, post_id in reviewed:
+        ids = ",".join(str(index[label]) for label in labels if label in index)
+        clean = " ".join(text.replace("\t", " ").split())
+        if ids and clean:
+            lines.append(f"{clean}\t{ids}\t{post_id}")
+    (output / "train.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    shutil.copyfile(data_dir / "dev.tsv", output / "dev.tsv")
+    (output / "labels.txt").write_text("\n".join(names) + "\n", encoding="utf-8")
+    return output
+
+
 def run_training(
     data_dir: Path,
     output: Path,

@@ -1,0 +1,1 @@
+"""Learning from reviewers' verdicts: threshold recalibration, gated bundles, rollouts."""
