@@ -840,9 +840,7 @@ def learn(
         Path, typer.Option(help="Folder for the candidate bundle and its data.")
     ] = Path("runs/learn"),
     epochs: Annotated[float, typer.Option(help="Training epochs.")] = 4.0,
-    max_train_posts: Annotated[
-        int, typer.Option(help="Smoke runs: train on at most this many.")
-    ] = 0,
+    max_steps: Annotated[int, typer.Option(help="Smoke runs: stop after this many steps.")] = 0,
     promote_it: Annotated[
         bool, typer.Option("--promote", help="Announce the result if it passes the gate.")
     ] = False,
@@ -899,9 +897,7 @@ def learn(
     data_dir = write_training_data(folder, rows, output / "data")
     err.print(f"training on {folder}/train.tsv + {len(rows)} reviewed posts")
     candidate = output / "bundle"
-    config = TrainConfig(
-        base_model=default_base_model(), epochs=epochs, max_train_posts=max_train_posts
-    )
+    config = TrainConfig(base_model=default_base_model(), epochs=epochs, max_steps=max_steps)
     run_training(data_dir, candidate, config, "lora", settings.model.n_samples, log=err.print)
     result = _gate_against_current(settings, str(candidate.resolve()), canary, tolerance)
     (output / "gate.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
