@@ -57,6 +57,7 @@ class BatchProcessor:
             "n_samples": self.engine.n_samples,
             "mc_mode": self.engine.mode,
             "precision": self.engine.precision,
+            "rollout_version": None,  # set when the model came from a release
         }
         self.policy = ReviewPolicy(
             settings.review,

@@ -236,86 +236,110 @@ class Router:
         token_counts: list[int] | None = None,
     ) -> list[RoutedPost]:
         scores = self.policy.scores(summary, token_counts, ood)
-        processed_at = now_rfc3339()
-        # per-batch numpy work, then plain Python per post: per-post numpy calls and per-element
-        # round() dominated the routing cost
-        max_flip_rates = _rounded(np.max(summary.flip_rate, axis=1), 4)
-        predictive_entropy = _rounded(summary.predictive_entropy, 6)
-        expected_entropy = _rounded(summary.expected_entropy, 6)
-        mutual_information = _rounded(summary.mutual_information, 6)
         mean = np.asarray(summary.mean, dtype=np.float64)
         predicted = predicted_mask(mean, self.thresholds)
         predicted_lists = _most_probable_first(mean, predicted)
         decisions = self.policy.decide_all(summary, predicted_lists, scores, ood)
-        ood_objects = ood_events(ood, decisions)
-        sampled_array = np.asarray(summary.n_samples) > 1
-        sampled_posts = sampled_array.tolist()
-        emotions_json = self.emotions.encode(
-            summary.mean, summary.std, summary.flip_rate, predicted, sampled_array
-        )
-        n_samples = np.asarray(summary.n_samples).astype(int).tolist()
+        columns = self._columns(summary, predicted, ood, decisions)
         post_dicts = _POSTS_AS_JSON.dump_python(posts, mode="json")  # one call: half the cost
-        top_labels = np.argmax(summary.mean, axis=1).tolist()
-        names = self.label_names
-        out: list[RoutedPost] = []
-        for i, post in enumerate(posts):
-            sampled = sampled_posts[i]
-            emotions = emotions_json[i]
-            decision = decisions[i]
-            # a score that needs MC spread (threshold distance, mutual information) means nothing
-            # for one deterministic pass: null then; expected risk and entropy are always defined
-            scored = sampled or not self.policy.score_needs_samples
-            uncertainty = {
-                "predictive_entropy": predictive_entropy[i],
-                "expected_entropy": expected_entropy[i] if sampled else None,
-                "mutual_information": mutual_information[i] if sampled else None,
-                "review_score": _r(decision.score) if scored else None,
-                "max_flip_rate": max_flip_rates[i] if sampled else None,
-                "n_samples": n_samples[i],
-                "ood": ood_objects[i],
-            }
-            reasons = [r.model_dump(mode="json") for r in decision.reasons]
-            post_dict = post_dicts[i]
-            labels = [names[j] for j in predicted_lists[i]]
-            enriched = {
+        processed_at = now_rfc3339()
+        return [
+            self._events(
+                i,
+                post,
+                post_dicts[i],
+                sources[i],
+                decisions[i],
+                predicted_lists[i],
+                columns,
+                processed_at,
+            )
+            for i, post in enumerate(posts)
+        ]
+
+    def _columns(
+        self,
+        summary: McSummary,
+        predicted: np.ndarray,
+        ood: OodBatch | None,
+        decisions: list[ReviewDecision],
+    ) -> dict[str, list[Any]]:
+        """The batch's per-post values as plain Python lists, computed with numpy once per batch:
+        per-post numpy calls and per-element round() dominated the routing cost."""
+        sampled = np.asarray(summary.n_samples) > 1
+        return {
+            "max_flip_rate": _rounded(np.max(summary.flip_rate, axis=1), 4),
+            "predictive_entropy": _rounded(summary.predictive_entropy, 6),
+            "expected_entropy": _rounded(summary.expected_entropy, 6),
+            "mutual_information": _rounded(summary.mutual_information, 6),
+            "ood": ood_events(ood, decisions),
+            "sampled": sampled.tolist(),
+            "emotions": self.emotions.encode(
+                summary.mean, summary.std, summary.flip_rate, predicted, sampled
+            ),
+            "n_samples": np.asarray(summary.n_samples).astype(int).tolist(),
+            "top_label": np.argmax(summary.mean, axis=1).tolist(),
+        }
+
+    def _events(
+        self,
+        i: int,
+        post: SocialPost,
+        post_dict: dict[str, Any],
+        source: dict[str, Any] | None,
+        decision: ReviewDecision,
+        predicted: list[int],
+        columns: dict[str, list[Any]],
+        processed_at: str,
+    ) -> RoutedPost:
+        """Post ``i``'s enriched event and, when routed, its review request."""
+        sampled = columns["sampled"][i]
+        # a score that needs MC spread (threshold distance, mutual information) means nothing
+        # for one deterministic pass: null then; expected risk and entropy are always defined
+        scored = sampled or not self.policy.score_needs_samples
+        uncertainty = {
+            "predictive_entropy": columns["predictive_entropy"][i],
+            "expected_entropy": columns["expected_entropy"][i] if sampled else None,
+            "mutual_information": columns["mutual_information"][i] if sampled else None,
+            "review_score": _r(decision.score) if scored else None,
+            "max_flip_rate": columns["max_flip_rate"][i] if sampled else None,
+            "n_samples": columns["n_samples"][i],
+            "ood": columns["ood"][i],
+        }
+        reasons = [r.model_dump(mode="json") for r in decision.reasons]
+        labels = [self.label_names[j] for j in predicted]
+        emotions = columns["emotions"][i]
+        enriched = {
+            "schema_version": SCHEMA_VERSION,
+            "id": post.id,
+            "post": post_dict,
+            "emotions": emotions,
+            "predicted_labels": labels,
+            "top_label": self.label_names[columns["top_label"][i]],
+            "uncertainty": uncertainty,
+            "needs_review": decision.routed,
+            "review_reasons": reasons,
+            "model": self.model_info,
+            "processed_at": processed_at,
+            "worker_id": self.worker_id,
+            "source": source,
+        }
+        review = None
+        if decision.routed:
+            review = {
                 "schema_version": SCHEMA_VERSION,
                 "id": post.id,
+                "priority": decision.priority,
+                "review_score": _r(decision.score),
+                "reasons": reasons,
                 "post": post_dict,
-                "emotions": emotions,
                 "predicted_labels": labels,
-                "top_label": names[top_labels[i]],
+                "emotions": emotions,
                 "uncertainty": uncertainty,
-                "needs_review": decision.routed,
-                "review_reasons": reasons,
                 "model": self.model_info,
-                "processed_at": processed_at,
+                "requested_at": processed_at,
                 "worker_id": self.worker_id,
-                "source": sources[i],
+                "source": source,
+                "request_id": request_id(post.id, source, processed_at),
             }
-            review = None
-            if decision.routed:
-                review = {
-                    "schema_version": SCHEMA_VERSION,
-                    "id": post.id,
-                    "priority": decision.priority,
-                    "review_score": _r(decision.score),
-                    "reasons": reasons,
-                    "post": post_dict,
-                    "predicted_labels": labels,
-                    "emotions": emotions,
-                    "uncertainty": uncertainty,
-                    "model": self.model_info,
-                    "requested_at": processed_at,
-                    "worker_id": self.worker_id,
-                    "source": sources[i],
-                    "request_id": request_id(post.id, sources[i], processed_at),
-                }
-            out.append(
-                RoutedPost(
-                    post_id=post.id,
-                    enriched=enriched,
-                    review=review,
-                    ood=decision.ood,
-                )
-            )
-        return out
+        return RoutedPost(post_id=post.id, enriched=enriched, review=review, ood=decision.ood)
