@@ -726,34 +726,6 @@ ToleranceOpt = Annotated[
 ]
 
 
-def _gate_against_current(
-    settings: WorkerSettings, candidate_path: str, canary: Path, tolerance: float
-) -> Any:
-    """Score the candidate and the model in use (the current release, else the configured
-    model) on the canary set; the gate's result."""
-    import numpy as np
-
-    from worker.feedback.rollout import read_rollout
-    from worker.inference.engine import EngineConfig
-    from worker.inference.loading import load_classifier
-    from worker.training.gate import gate
-    from worker.training.goemotions import read_tsv
-
-    rollout, _ = asyncio.run(read_rollout(settings.kafka, settings.topics.control))
-    current_path = rollout.current.model_path if rollout is not None else settings.model.path
-    current = load_classifier(settings.model.model_copy(update={"path": current_path}))
-    if rollout is not None and rollout.current.thresholds:
-        current.thresholds = np.array(
-            [rollout.current.thresholds.get(n, t) for n, t in
-             zip(current.label_names, current.thresholds, strict=True)]
-        )  # fmt: skip
-    candidate = load_classifier(settings.model.model_copy(update={"path": candidate_path}))
-    split = read_tsv(canary, len(current.label_names))
-    m = settings.model
-    engine = EngineConfig(n_samples=m.n_samples, mode=m.mc_mode, seed=0, precision=m.precision)
-    return gate(candidate, current, split, engine, tolerance)
-
-
 @rollout_app.command("promote")
 @one_line_errors
 def rollout_promote(
@@ -771,7 +743,9 @@ def rollout_promote(
     settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})
     if canary is not None:
         require_extra("train", "emoworker rollout promote --canary")
-        result = _gate_against_current(settings, model, canary, tolerance)
+        from worker.training.learn import gate_against_current
+
+        result = gate_against_current(settings, model, canary, tolerance)
         err.print(result.line())
         if not result.passed:
             raise CliError(f"not promoted: {result.line()}")
@@ -849,67 +823,38 @@ def learn(
 ) -> None:
     """Learn from the reviewers' verdicts (the final topic): recalibrate the thresholds, or
     fine-tune on train + verdicts, gate the new bundle on a canary set and promote it."""
-    import numpy as np
-
-    from worker.feedback.rollout import promote, read_rollout
-    from worker.feedback.verdict_data import read_final_events
-
     settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})
-    events = asyncio.run(read_final_events(settings.kafka, settings.topics.final))
-    rollout, _ = asyncio.run(read_rollout(settings.kafka, settings.topics.control))
-    current = rollout.current.model_path if rollout is not None else settings.model.path
-    err.print(f"{len(events)} reviewed posts in {settings.topics.final}; model in use {current}")
     if thresholds_only:
-        from worker.feedback.thresholds import recalibrate
-        from worker.feedback.verdict_data import recalibration_inputs
-        from worker.inference.loading import load_classifier
+        from worker.feedback.recalibration_job import recalibrate_thresholds
 
-        classifier = load_classifier(settings.model.model_copy(update={"path": current}))
-        base = dict(zip(classifier.label_names, classifier.thresholds.tolist(), strict=True))
-        if rollout is not None and rollout.current.thresholds:
-            base |= rollout.current.thresholds
-        names = classifier.label_names
-        v = recalibration_inputs(events, names, classifier.revision)
-        result = recalibrate(
-            v.probabilities, v.labels, v.reviewers, np.array([base[n] for n in names]), names
-        )
-        for name, (old, new) in result.changed.items():
+        job = asyncio.run(recalibrate_thresholds(settings, announce=promote_it))
+        for name, (old, new) in job.result.changed.items():
             print(f"{name}: {old:.3f} -> {new:.3f}")
-        err.print(f"{len(v.reviewers)} verdicts on this model: {len(result.changed)} labels moved")
-        if promote_it and result.changed:
-            moved = dict(zip(names, result.thresholds.tolist(), strict=True))
-            r = asyncio.run(promote(settings, current, classifier.revision, moved, "thresholds"))
-            err.print(f"version {r.current.version}: thresholds announced")
+        err.print(
+            f"{job.reviewed_posts} reviewed posts, {job.verdicts} verdicts on this model "
+            f"({job.model_path}): {len(job.result.changed)} labels moved"
+        )
+        if job.announced is not None:
+            err.print(f"version {job.announced.current.version}: thresholds announced")
         return
     require_extra("train", "emoworker learn")
     if canary is None:
         raise CliError("--canary is required to gate a fine-tuned bundle")
     from worker.datasets import default_data_dir, missing_data_message
-    from worker.feedback.verdict_data import training_rows
-    from worker.inference.loading import load_classifier
-    from worker.training.run import run_training, write_training_data
-    from worker.training.train import TrainConfig, default_base_model
+    from worker.training.learn import learn as learn_from_verdicts
+    from worker.training.train import TrainConfig
 
     folder = data if data is not None else default_data_dir()
     if not (folder / "train.tsv").is_file() or not (folder / "dev.tsv").is_file():
         raise CliError(missing_data_message(folder))
-    rows = training_rows(events)
-    data_dir = write_training_data(folder, rows, output / "data")
-    err.print(f"training on {folder}/train.tsv + {len(rows)} reviewed posts")
-    candidate = output / "bundle"
-    config = TrainConfig(base_model=default_base_model(), epochs=epochs, max_steps=max_steps)
-    run_training(data_dir, candidate, config, "lora", settings.model.n_samples, log=err.print)
-    result = _gate_against_current(settings, str(candidate.resolve()), canary, tolerance)
-    (output / "gate.json").write_text(json.dumps(result.as_dict(), indent=2) + "\n")
-    err.print(result.line())
+    config = TrainConfig(epochs=epochs, max_steps=max_steps)
+    result, announced = learn_from_verdicts(
+        settings, folder, canary, output, config, tolerance, promote_it, log=err.print
+    )
     if not result.passed:
         raise CliError(f"not promoted: {result.line()}")
-    if promote_it:
-        revision = load_classifier(
-            settings.model.model_copy(update={"path": str(candidate.resolve())})
-        ).revision
-        r = asyncio.run(promote(settings, str(candidate.resolve()), revision, note="learn"))
-        err.print(f"version {r.current.version}: {candidate} announced")
+    if announced is not None:
+        err.print(f"version {announced.current.version}: {announced.current.model_path} announced")
 
 
 @app.command("simulate-feedback")

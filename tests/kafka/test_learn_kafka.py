@@ -69,7 +69,7 @@ async def test_learn_announces_thresholds_from_verdicts_and_a_gated_bundle(
 
     cheap = emoworker(["learn", "--thresholds-only", "--promote"], env)
     assert cheap.returncode == 0, cheap.stderr[-3000:]
-    assert "300 verdicts on this model" in cheap.stderr
+    assert "300 verdicts on this model" in cheap.stderr, cheap.stderr
     rollout, _ = await read_rollout(settings.kafka, settings.topics.control)
     assert rollout is not None and rollout.current.reason == "thresholds"
     assert rollout.current.model_path == str(test_model_dir)
