@@ -364,6 +364,17 @@ class ResolverSettings(BaseModel):
         description="How long a verdict that arrived before its request waits for it; then it is "
         "dead-lettered as unknown_post.",
     )
+    request_ttl_s: float = Field(
+        30 * 86400.0,
+        gt=0,
+        description="A review request nobody answered within this is forgotten (30 days).",
+    )
+    keep_resolved_s: float = Field(
+        7 * 86400.0,
+        gt=0,
+        description="How long a resolved post is remembered, so that the same verdict again is "
+        "a no-op and a different one a dead letter (7 days); then it is forgotten.",
+    )
     transactional_id: str | None = Field(
         None,
         description="Stable transactional id (e.g. the pod name); default: "

@@ -141,3 +141,16 @@ def test_state_rebuilt_from_its_changelog_records_behaves_the_same(state: Resolv
     assert rebuilt.on_request(0, request("p3", offset=7), {}, 3).kind == "resolved"
     rebuilt.drop(0)
     assert rebuilt.pending_requests() == 0
+
+
+def test_unanswered_requests_and_old_resolved_markers_are_forgotten() -> None:
+    state = ResolveState("r", verdict_wait_s=60, request_ttl_s=1000, keep_resolved_s=500)
+    state.on_request(0, request("old"), {}, 0)
+    state.on_request(0, request("done", offset=6), {}, 0)
+    state.on_verdict(0, verdict("done"), SRC, 100)  # resolved at 100
+    assert state.expire(599) == []
+    ((_, forgotten),) = state.expire(600)
+    assert forgotten.kind == "forgotten" and forgotten.outputs[0].key == b"done"
+    assert forgotten.outputs[0].value is None  # a tombstone in the changelog
+    ((_, unanswered),) = state.expire(1000)
+    assert unanswered.kind == "unanswered" and state.pending_requests() == 0

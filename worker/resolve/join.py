@@ -10,6 +10,8 @@ The rules, for a record of partition ``p``:
 
 * review request: kept pending (a newer request for the post replaces it); a verdict that was
   waiting for it resolves it at once; the same request again (a post processed twice) is a no-op;
+* old entries: a request unanswered for ``request_ttl_s`` and the marker of a post resolved
+  ``keep_resolved_s`` ago are forgotten (a tombstone in the changelog);
 * verdict: resolves the pending request (one ``FinalPost``, the entry becomes a resolved marker);
   without a request it waits (``verdict_wait_s``, then it is dead-lettered as ``unknown_post``);
   the same verdict again is a no-op; a different verdict for a resolved request, a verdict that
@@ -48,7 +50,7 @@ class Entry:
     request: dict[str, Any] | None = None  # the pending review request (JSON)
     verdict: dict[str, Any] | None = None  # a verdict waiting for its request (JSON)
     verdict_source: dict[str, Any] | None = None
-    waiting_since: float | None = None  # unix seconds
+    since: float | None = None  # unix seconds: when the entry took its state
     resolved: dict[str, Any] | None = None  # {"request_id", "digest"} once resolved
 
     def to_json(self) -> bytes:
@@ -77,9 +79,17 @@ def now_rfc3339() -> str:
 
 
 class ResolveState:
-    def __init__(self, resolver_id: str, verdict_wait_s: float) -> None:
+    def __init__(
+        self,
+        resolver_id: str,
+        verdict_wait_s: float,
+        request_ttl_s: float = 30 * 86400,
+        keep_resolved_s: float = 7 * 86400,
+    ) -> None:
         self.resolver_id = resolver_id
         self.verdict_wait_s = verdict_wait_s
+        self.request_ttl_s = request_ttl_s
+        self.keep_resolved_s = keep_resolved_s
         self.partitions: dict[int, dict[str, Entry]] = {}
 
     # ── ownership ───────────────────────────────────────────────────────────────────────────
@@ -136,12 +146,12 @@ class ResolveState:
                     verdict_source,
                     post_id,
                 )
-                entry = Entry(request=request)
+                entry = Entry(request=request, since=now)
                 entries[post_id] = entry
                 out.outputs.append(_state(post_id, entry))
                 return out
-            return self._resolve(entries, post_id, request, verdict, verdict_source)
-        entry = Entry(request=request)
+            return self._resolve(entries, post_id, request, verdict, verdict_source, now)
+        entry = Entry(request=request, since=now)
         entries[post_id] = entry
         return Outcome("pending", [_state(post_id, entry)])
 
@@ -178,7 +188,7 @@ class ResolveState:
                     source,
                     post_id,
                 )
-            return self._resolve(entries, post_id, request, verdict, source)
+            return self._resolve(entries, post_id, request, verdict, source, now)
         if entry is not None and entry.verdict is not None:
             if verdict_digest(entry.verdict) == digest:
                 return Outcome("duplicate")
@@ -189,29 +199,36 @@ class ResolveState:
                 source,
                 post_id,
             )
-        entry = Entry(verdict=verdict, verdict_source=source, waiting_since=now)
+        entry = Entry(verdict=verdict, verdict_source=source, since=now)
         entries[post_id] = entry
         return Outcome("waiting", [_state(post_id, entry)])
 
     def expire(self, now: float) -> list[tuple[int, Outcome]]:
-        """Verdicts that waited ``verdict_wait_s`` for a request that never came, with their
-        partitions."""
+        """Entries past their time, with their partitions: a verdict that waited
+        ``verdict_wait_s`` for a request that never came (dead letter ``unknown_post``); a
+        request nobody answered within ``request_ttl_s`` and a resolved marker older than
+        ``keep_resolved_s`` (forgotten: the changelog does not grow without end)."""
         out: list[tuple[int, Outcome]] = []
         for partition, entries in self.partitions.items():
             for post_id, entry in list(entries.items()):
-                since = entry.waiting_since
-                if entry.verdict is None or since is None or now - since < self.verdict_wait_s:
+                age = now - (entry.since if entry.since is not None else now)
+                if entry.verdict is not None and age >= self.verdict_wait_s:
+                    outcome = self._dead_letter(
+                        "unknown_post",
+                        f"no review request for post {post_id!r} arrived within "
+                        f"{self.verdict_wait_s:g} s of its verdict",
+                        orjson.dumps(entry.verdict),
+                        entry.verdict_source or {},
+                        post_id,
+                    )
+                    outcome.kind = "expired"
+                elif entry.request is not None and age >= self.request_ttl_s:
+                    outcome = Outcome("unanswered")
+                elif entry.resolved is not None and age >= self.keep_resolved_s:
+                    outcome = Outcome("forgotten")
+                else:
                     continue
                 del entries[post_id]
-                outcome = self._dead_letter(
-                    "unknown_post",
-                    f"no review request for post {post_id!r} arrived within "
-                    f"{self.verdict_wait_s:g} s of its verdict",
-                    orjson.dumps(entry.verdict),
-                    entry.verdict_source or {},
-                    post_id,
-                )
-                outcome.kind = "expired"
                 outcome.outputs.append(Output("state", post_id.encode(), None))
                 out.append((partition, outcome))
         return out
@@ -225,6 +242,7 @@ class ResolveState:
         request: dict[str, Any],
         verdict: dict[str, Any],
         verdict_source: dict[str, Any],
+        now: float,
     ) -> Outcome:
         known = {e["label"] for e in request.get("emotions", [])}
         unknown = [label for label in verdict["labels"] if label not in known]
@@ -236,11 +254,12 @@ class ResolveState:
                 verdict_source,
                 post_id,
             )
-            entries[post_id] = Entry(request=request)
+            entries[post_id] = Entry(request=request, since=now)
             out.outputs.append(_state(post_id, entries[post_id]))
             return out
         entry = Entry(
-            resolved={"request_id": request["request_id"], "digest": verdict_digest(verdict)}
+            resolved={"request_id": request["request_id"], "digest": verdict_digest(verdict)},
+            since=now,
         )
         entries[post_id] = entry
         final = final_post(request, verdict, self.resolver_id)

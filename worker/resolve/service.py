@@ -41,6 +41,7 @@ from worker.resolve.join import Outcome, ResolveState
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger("worker.resolve")
+EXPIRY_SCAN_S = 5.0  # how often the state is scanned for entries past their time
 
 
 class ResolverMetrics:
@@ -48,8 +49,8 @@ class ResolverMetrics:
         self.registry = CollectorRegistry()
         self.records = Counter(
             "emoresolver_records",
-            "Records read, by topic kind (request, verdict) and outcome (pending, resolved, "
-            "waiting, duplicate, dead_letter, expired).",
+            "Records read, by kind (request, verdict; state: old entries) and outcome (pending, "
+            "resolved, waiting, duplicate, dead_letter; expired, unanswered, forgotten).",
             ["kind", "outcome"],
             registry=self.registry,
         )
@@ -76,7 +77,11 @@ class Resolver:
         self.settings = settings
         self.resolver = settings.resolver
         self.topics = settings.topics
-        self.state = ResolveState(settings.worker_id, settings.resolver.verdict_wait_s)
+        r = settings.resolver
+        self.state = ResolveState(
+            settings.worker_id, r.verdict_wait_s, r.request_ttl_s, r.keep_resolved_s
+        )
+        self._expired_at = 0.0  # the last scan for old entries
         self.metrics = ResolverMetrics()
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -191,9 +196,12 @@ class Resolver:
                 ).inc()
                 outcomes.append((tp.partition, outcome))
                 offsets[tp] = record.offset + 1
-        for partition, outcome in self.state.expire(now):
-            self.metrics.records.labels("verdict", outcome.kind).inc()
+        due = now - self._expired_at >= EXPIRY_SCAN_S
+        for partition, outcome in self.state.expire(now) if due else []:
+            self.metrics.records.labels("state", outcome.kind).inc()
             outcomes.append((partition, outcome))
+        if due:
+            self._expired_at = now
         return outcomes, offsets
 
     async def _commit(
