@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -819,12 +820,15 @@ def learn(
         bool, typer.Option("--promote", help="Announce the result if it passes the gate.")
     ] = False,
     tolerance: ToleranceOpt = 0.0,
+    every: Annotated[
+        float, typer.Option(help="With --thresholds-only: repeat every this many seconds.")
+    ] = 0.0,
     bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
 ) -> None:
     """Learn from the reviewers' verdicts (the final topic): recalibrate the thresholds, or
     fine-tune on train + verdicts, gate the new bundle on a canary set and promote it."""
     settings = load_settings({"kafka.bootstrap_servers": bootstrap_servers})
-    if thresholds_only:
+    while thresholds_only:
         from worker.feedback.recalibration_job import recalibrate_thresholds
 
         job = asyncio.run(recalibrate_thresholds(settings, announce=promote_it))
@@ -832,11 +836,13 @@ def learn(
             print(f"{name}: {old:.3f} -> {new:.3f}")
         err.print(
             f"{job.reviewed_posts} reviewed posts, {job.verdicts} verdicts on this model "
-            f"({job.model_path}): {len(job.result.changed)} labels moved"
+            f"({job.model_path}): {len(job.result.changed)} labels moved from the bundle's"
         )
         if job.announced is not None:
             err.print(f"version {job.announced.current.version}: thresholds announced")
-        return
+        if not every:
+            return
+        time.sleep(every)
     require_extra("train", "emoworker learn")
     if canary is None:
         raise CliError("--canary is required to gate a fine-tuned bundle")

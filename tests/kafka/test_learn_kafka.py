@@ -79,6 +79,10 @@ async def test_learn_announces_thresholds_from_verdicts_and_a_gated_bundle(
     expected = old["joy"] + max(-0.15, min(0.15, 0.6 * (0.3 - old["joy"])))
     assert thresholds["joy"] == pytest.approx(expected, abs=0.03)
     assert thresholds["anger"] == pytest.approx(old["anger"])  # no positive verdicts: unchanged
+    again = emoworker(["learn", "--thresholds-only", "--promote"], env)  # the same verdicts
+    assert again.returncode == 0 and "announced" not in again.stderr, again.stderr[-2000:]
+    rollout, _ = await read_rollout(settings.kafka, settings.topics.control)
+    assert rollout is not None and rollout.current.version == 1  # no compounding, no new release
 
     data = tiny_dataset(tmp_path / "data")
     canary = tmp_path / "canary.tsv"

@@ -1,11 +1,14 @@
 """``emoworker learn --thresholds-only``: the model in use's thresholds, recalibrated from the
-verdicts in the final topic so far, and announced as a release of the same bundle."""
+verdicts in the final topic so far, and announced as a release of the same bundle.
+
+The recalibration always starts from the bundle's own thresholds and uses every verdict so far,
+so running it again on the same verdicts gives the same thresholds (the shrinkage toward the
+bundle's does not compound); a release is announced only when they differ from the ones the
+workers run with."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
 
 from schemas import ModelRollout
 from worker.feedback.rollout import promote, read_rollout
@@ -35,15 +38,14 @@ async def recalibrate_thresholds(settings: WorkerSettings, announce: bool) -> Th
     path, rollout = await model_in_use(settings)
     classifier = load_classifier(settings.model.model_copy(update={"path": path}))
     names = classifier.label_names
-    current = dict(zip(names, classifier.thresholds.tolist(), strict=True))
+    running = dict(zip(names, classifier.thresholds.tolist(), strict=True))
     if rollout is not None and rollout.current.thresholds:
-        current |= rollout.current.thresholds  # the thresholds the workers run with
+        running |= rollout.current.thresholds  # the thresholds the workers run with
     v = recalibration_inputs(events, names, classifier.revision)
-    result = recalibrate(
-        v.probabilities, v.labels, v.reviewers, np.array([current[n] for n in names]), names
-    )
+    result = recalibrate(v.probabilities, v.labels, v.reviewers, classifier.thresholds, names)
+    moved = dict(zip(names, result.thresholds.tolist(), strict=True))
+    differs = any(abs(moved[n] - running[n]) > 1e-4 for n in names)
     announced = None
-    if announce and result.changed:
-        moved = dict(zip(names, result.thresholds.tolist(), strict=True))
+    if announce and differs:
         announced = await promote(settings, path, classifier.revision, moved, "thresholds")
     return ThresholdsJob(path, len(events), len(v.reviewers), result, announced)

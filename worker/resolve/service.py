@@ -27,6 +27,7 @@ import signal
 import time
 from typing import Any
 
+import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
@@ -243,8 +244,17 @@ class Resolver:
         self.metrics.pending.set(self.state.pending_requests())
         self.metrics.waiting.set(self.state.waiting_verdicts())
         for _, outcome in outcomes:
-            if outcome.kind in ("resolved", "dead_letter", "expired"):
-                log.info(f"verdict {outcome.kind.replace('_', ' ')}", records=len(outcome.outputs))
+            for out in outcome.outputs:
+                if out.sink == "final":
+                    log.debug("post resolved", post_id=out.key.decode(errors="replace"))
+                elif out.sink == "dead_letter":
+                    error = orjson.loads(out.value or b"{}").get("error", {})
+                    log.info(
+                        "verdict dead-lettered",
+                        post_id=out.key.decode(errors="replace"),
+                        kind=error.get("kind"),
+                        reason=error.get("message"),
+                    )
 
     # ── ownership ───────────────────────────────────────────────────────────────────────────
 
