@@ -18,7 +18,6 @@ import socket
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-import orjson
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from pydantic import ValidationError
@@ -26,6 +25,7 @@ from pydantic import ValidationError
 from schemas import BundleRelease, ModelRollout
 from worker.kafka.admin import ensure_topics, partition_counts
 from worker.kafka.clients import build_producer, connection_kwargs
+from worker.kafka.snapshot import read_to_end
 from worker.settings import KafkaSettings, WorkerSettings
 
 log = structlog.get_logger(__name__)
@@ -45,24 +45,11 @@ def decode_rollout(value: bytes | None) -> ModelRollout | None:
 
 async def read_rollout(kafka: KafkaSettings, topic: str) -> tuple[ModelRollout | None, int]:
     """The latest release on the control topic (None without one) and the offset after it."""
-    if (await partition_counts(kafka, [topic]))[topic] == 0:
-        return None, 0
-    reader = AIOKafkaConsumer(
-        **connection_kwargs(kafka), enable_auto_commit=False, isolation_level="read_committed"
-    )
-    await reader.start()
-    try:
-        tp = TopicPartition(topic, 0)
-        reader.assign([tp])
-        await reader.seek_to_beginning(tp)
-        end = (await reader.end_offsets([tp]))[tp]
-        latest: ModelRollout | None = None
-        while await reader.position(tp) < end:
-            for record in (await reader.getmany(tp, timeout_ms=500)).get(tp, []):
-                latest = decode_rollout(record.value) or latest
-        return latest, end
-    finally:
-        await reader.stop()
+    records, ends = await read_to_end(kafka, topic, None)
+    latest: ModelRollout | None = None
+    for record in records.get(0, []):
+        latest = decode_rollout(record.value) or latest
+    return latest, ends.get(0, 0)
 
 
 async def publish_rollout(kafka: KafkaSettings, topic: str, rollout: ModelRollout) -> None:
@@ -186,7 +173,3 @@ async def _follow(
     finally:
         with contextlib.suppress(Exception):
             await reader.stop()
-
-
-def rollout_json(rollout: ModelRollout | None) -> str:
-    return "null" if rollout is None else orjson.dumps(rollout.model_dump(mode="json")).decode()

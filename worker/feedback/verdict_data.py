@@ -14,35 +14,14 @@ from typing import Any
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from worker.kafka.clients import connection_kwargs
+from worker.kafka.snapshot import read_to_end
 from worker.settings import KafkaSettings
 
 
 async def read_final_events(kafka: KafkaSettings, topic: str) -> list[dict[str, Any]]:
-    reader = AIOKafkaConsumer(
-        **connection_kwargs(kafka), enable_auto_commit=False, isolation_level="read_committed"
-    )
-    await reader.start()
-    try:
-        partitions = reader.partitions_for_topic(topic) or set()
-        if not partitions:
-            await reader._client.force_metadata_update()
-            partitions = reader.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        if not tps:
-            return []
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
-        ends = await reader.end_offsets(tps)
-        events: list[dict[str, Any]] = []
-        while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
-            for records in (await reader.getmany(*tps, timeout_ms=500)).values():
-                events.extend(orjson.loads(r.value) for r in records if r.value)
-        return events
-    finally:
-        await reader.stop()
+    records, _ = await read_to_end(kafka, topic)
+    return [orjson.loads(r.value) for rs in records.values() for r in rs if r.value]
 
 
 @dataclass

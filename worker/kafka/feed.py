@@ -43,7 +43,7 @@ def read_feed(path: Path) -> list[tuple[bytes | None, bytes]]:
         try:
             doc: Any = orjson.loads(line)
             # a post's key is its id; a verdict's its post's id
-            key_id = doc.get("id", doc.get("key_id")) if isinstance(doc, dict) else None
+            key_id = doc.get("id", doc.get("post_id")) if isinstance(doc, dict) else None
             if isinstance(key_id, str):
                 key = key_id.encode()
         except orjson.JSONDecodeError:

@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -37,7 +37,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from worker.exit_codes import EXIT_CONFIG, EXIT_DELIVERY, EXIT_KAFKA, EXIT_OK, FatalError
 from worker.http import HealthServer
 from worker.kafka.admin import ensure_topics, partition_counts
-from worker.kafka.clients import build_consumer, build_producer, connection_kwargs
+from worker.kafka.clients import build_consumer, build_producer
+from worker.kafka.snapshot import read_to_end
 from worker.resolve.join import Outcome, ResolveState
 from worker.settings import WorkerSettings
 
@@ -203,6 +204,7 @@ class Resolver:
             outcomes.append((partition, outcome))
         if due:
             self._expired_at = now
+            self._update_gauges()  # changes of this batch not yet counted: a scan later they are
         return outcomes, offsets
 
     async def _commit(
@@ -241,8 +243,6 @@ class Resolver:
                 EXIT_DELIVERY,
             ) from exc
         self.metrics.transactions.inc()
-        self.metrics.pending.set(self.state.pending_requests())
-        self.metrics.waiting.set(self.state.waiting_verdicts())
         for _, outcome in outcomes:
             for out in outcome.outputs:
                 if out.sink == "final":
@@ -262,35 +262,26 @@ class Resolver:
         """Read each partition's changelog to its end (read_committed) into the state."""
         if not partitions:
             return
-        changelog = self.resolver.changelog()
-        reader = AIOKafkaConsumer(
-            **connection_kwargs(self.settings.kafka),
-            enable_auto_commit=False,
-            isolation_level="read_committed",
-        )
-        await reader.start()
         started = time.monotonic()
-        try:
-            tps = [TopicPartition(changelog, p) for p in partitions]
-            reader.assign(tps)
-            await reader.seek_to_beginning(*tps)
-            ends = await reader.end_offsets(tps)
-            records: dict[int, list[tuple[bytes, bytes | None]]] = {p: [] for p in partitions}
-            while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
-                batch = await reader.getmany(*tps, timeout_ms=500)
-                for tp, got in batch.items():
-                    records[tp.partition].extend((r.key, r.value) for r in got if r.key)
-            for p in partitions:
-                self.state.restore(p, records[p])
-        finally:
-            await reader.stop()
+        records, _ = await read_to_end(self.settings.kafka, self.resolver.changelog(), partitions)
+        for p in partitions:
+            self.state.restore(p, [(r.key, r.value) for r in records[p] if r.key])
+        pending = self._update_gauges()
         log.info(
             "resolver state restored",
             partitions=partitions,
             records=sum(len(r) for r in records.values()),
-            pending=self.state.pending_requests(),
+            pending=pending,
             seconds=round(time.monotonic() - started, 3),
         )
+
+    def _update_gauges(self) -> int:
+        """Pending requests and waiting verdicts (a scan of the state: only on restore and with
+        the scans for old entries, not after every transaction); returns the pending count."""
+        pending = self.state.pending_requests()
+        self.metrics.pending.set(pending)
+        self.metrics.waiting.set(self.state.waiting_verdicts())
+        return pending
 
 
 class _Rebalance(ConsumerRebalanceListener):
