@@ -154,3 +154,13 @@ def test_unanswered_requests_and_old_resolved_markers_are_forgotten() -> None:
     assert forgotten.outputs[0].value is None  # a tombstone in the changelog
     ((_, unanswered),) = state.expire(1000)
     assert unanswered.kind == "unanswered" and state.pending_requests() == 0
+
+
+def test_a_request_from_an_older_worker_gets_the_id_the_worker_gives_now(
+    state: ResolveState,
+) -> None:
+    doc = orjson.loads(request("p1", offset=42))
+    del doc["request_id"]  # written before schema 1.4
+    state.on_request(0, orjson.dumps(doc), {}, 0)
+    (final,) = finals(state.on_verdict(0, verdict("p1", request_id="posts:0:42"), SRC, 1))
+    assert final["request_id"] == "posts:0:42"

@@ -1,11 +1,11 @@
 """The model the worker's stages use, replaced by each new release between batches.
 
 At start, once Kafka is reachable and before the first batch, the control topic's current release
-(if any) replaces the configured model. While
-running, ``apply`` loads a newer release on the model thread (the batch in inference finishes
-first; the next waits for the load, seconds for a bundle), then the stages take the new model for
-every batch prepared after it; a batch already tokenised finishes with the model that tokenised
-it. A release that fails to load is logged and counted, and the model in use stays.
+(if any) replaces the configured model. While running, ``apply`` loads a newer release on the
+model thread (the batch in inference finishes first; the next waits for the load, seconds for a
+bundle), then the stages take the new model for every batch prepared after it; a batch already
+tokenised finishes with the model that tokenised it. A release that fails to load is logged, and
+the model in use stays.
 """
 
 from __future__ import annotations
@@ -26,6 +26,16 @@ from worker.settings import WorkerSettings
 log = structlog.get_logger("worker.pipeline")
 
 
+def use_release_thresholds(classifier: Classifier, release: BundleRelease) -> None:
+    """The release's thresholds in place of the bundle's (labels it does not name keep theirs)."""
+    if release.thresholds:
+        t = release.thresholds
+        names = classifier.label_names
+        classifier.thresholds = np.array(
+            [t.get(n, float(x)) for n, x in zip(names, classifier.thresholds, strict=True)]
+        )
+
+
 class ModelSwitch:
     def __init__(
         self,
@@ -33,13 +43,11 @@ class ModelSwitch:
         classifier: Classifier | None,
         processor_factory: Any,
         model_thread: Executor,
-        on_failure: Any = None,
     ) -> None:
         self.settings = settings
         self._classifier = classifier
         self._factory = processor_factory
         self._thread = model_thread
-        self._on_failure = on_failure
         self.current: Model | None = None
         self.version: int | None = None  # the release in use (None: the configured model)
         self.start_offset = 0  # where following the control topic starts
@@ -92,21 +100,13 @@ class ModelSwitch:
                     model=release.model_path,
                     error=f"{type(exc).__name__}: {exc}",
                 )
-                if self._on_failure is not None:
-                    self._on_failure()
 
     async def _load(self, release: BundleRelease) -> Model:
         settings = self.settings.model_copy(deep=True)
         settings.model.path = release.model_path
         loop = asyncio.get_running_loop()
         classifier = await loop.run_in_executor(self._thread, load_classifier, settings.model)
-        if release.thresholds:
-            classifier.thresholds = np.array(
-                [
-                    release.thresholds.get(name, float(t))
-                    for name, t in zip(classifier.label_names, classifier.thresholds, strict=True)
-                ]
-            )
+        use_release_thresholds(classifier, release)
         model = await Model.load(classifier, settings, self._factory, self._thread)
         model.processor.model_info["rollout_version"] = release.version
         previous = self.version

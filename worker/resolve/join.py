@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from schemas import DeadLetterKind, ReviewVerdict
 from worker.decoding import payload_for_dead_letter
+from worker.routing.router import request_id as make_request_id
 
 Sink = Literal["final", "dead_letter", "state"]
 
@@ -122,11 +123,10 @@ class ResolveState:
         if isinstance(request, str):
             return self._dead_letter("invalid_field", request, value, source, None)
         post_id = request["id"]
-        request_id = request.get("request_id") or (
-            f"{request['source']['topic']}:{request['source']['partition']}:"
-            f"{request['source']['offset']}"
-            if isinstance(request.get("source"), dict) and "offset" in request["source"]
-            else f"{post_id}@{request.get('requested_at')}"
+        # a request from a worker before 1.4 has none: the id the worker gives it now
+        post_source = request.get("source") if isinstance(request.get("source"), dict) else None
+        request_id = request.get("request_id") or make_request_id(
+            post_id, post_source, request["requested_at"]
         )
         request["request_id"] = request_id
         entries = self.partitions.setdefault(partition, {})

@@ -16,9 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from schemas import ModelRollout
+from worker.feedback.hot_swap import use_release_thresholds
 from worker.feedback.recalibration_job import model_in_use
 from worker.feedback.rollout import promote
 from worker.feedback.verdict_data import read_final_events, training_rows
@@ -40,11 +39,8 @@ def gate_against_current(
 ) -> GateResult:
     path, rollout = asyncio.run(model_in_use(settings))
     current = load_model(settings, path)
-    if rollout is not None and rollout.current.thresholds:
-        t = rollout.current.thresholds
-        current.thresholds = np.array(
-            [t.get(n, x) for n, x in zip(current.label_names, current.thresholds, strict=True)]
-        )
+    if rollout is not None:
+        use_release_thresholds(current, rollout.current)
     candidate = load_model(settings, candidate_path)
     m = settings.model
     engine = EngineConfig(n_samples=m.n_samples, mode=m.mc_mode, seed=0, precision=m.precision)
