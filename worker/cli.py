@@ -133,6 +133,9 @@ RemoteCodeOpt = Annotated[
     bool | None,
     typer.Option("--trust-remote-code", help="Allow the checkpoint's own Python code to run."),
 ]
+BootstrapOpt = Annotated[
+    str | None, typer.Option(help="Kafka bootstrap servers (overrides the settings).")
+]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Seed the MC samples.")]
 FETCHED = "the folder `emoworker data fetch goemotions` fills"  # the --data defaults
 
@@ -140,9 +143,7 @@ FETCHED = "the folder `emoworker data fetch goemotions` fills"  # the --data def
 @app.command()
 @one_line_errors
 def run(
-    bootstrap_servers: Annotated[
-        str | None, typer.Option(help="Kafka bootstrap servers (overrides the settings).")
-    ] = None,
+    bootstrap_servers: BootstrapOpt = None,
     model: ModelOpt = None,
     n_samples: SamplesOpt = None,
     mc_mode: ModeOpt = None,
@@ -166,9 +167,7 @@ def run(
 @app.command()
 @one_line_errors
 def resolve(
-    bootstrap_servers: Annotated[
-        str | None, typer.Option(help="Kafka bootstrap servers (overrides the settings).")
-    ] = None,
+    bootstrap_servers: BootstrapOpt = None,
 ) -> None:
     """Join reviewers' verdicts with their review requests: publish posts.final exactly once."""
     from worker.logs import configure_logging
@@ -297,7 +296,7 @@ def schema(
 def topics_create(
     partitions: Annotated[int, typer.Option(help="Partitions of the input topic.")] = 6,
     replication_factor: Annotated[int, typer.Option(help="Replicas of each topic.")] = 1,
-    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+    bootstrap_servers: BootstrapOpt = None,
 ) -> None:
     """Create the input topic and the output topics (existing ones are kept)."""
     from worker.kafka.admin import ensure_topics
@@ -320,7 +319,7 @@ def topics_create(
 @topics_app.command("describe")
 @one_line_errors
 def topics_describe(
-    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+    bootstrap_servers: BootstrapOpt = None,
 ) -> None:
     """Partitions, end offsets, the group's committed offsets and lag."""
     from rich.table import Table
@@ -355,7 +354,7 @@ def produce(
     rate: Annotated[float, typer.Option(help="Messages per second; 0: as fast as possible.")] = 0.0,
     limit: Annotated[int, typer.Option(help="Stop after this many messages; 0: all.")] = 0,
     repeat: Annotated[int, typer.Option(help="Send the file this many times.")] = 1,
-    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+    bootstrap_servers: BootstrapOpt = None,
 ) -> None:
     """Feed a topic from a file at a given rate (demos, load tests, verdicts)."""
     from worker.kafka.feed import feed_topic, read_feed
@@ -395,7 +394,7 @@ def replay(
         bool, typer.Option("--dry-run", help="Count what would be replayed; publish nothing.")
     ] = False,
     limit: Annotated[int, typer.Option(help="Replay at most this many messages; 0: all.")] = 0,
-    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+    bootstrap_servers: BootstrapOpt = None,
 ) -> None:
     """Re-publish dead letters (original bytes and key) once the cause is fixed."""
     from typing import get_args
@@ -734,7 +733,7 @@ def rollout_promote(
     canary: CanaryOpt = None,
     tolerance: ToleranceOpt = 0.0,
     note: Annotated[str | None, typer.Option(help="Why, for the release history.")] = None,
-    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+    bootstrap_servers: BootstrapOpt = None,
 ) -> None:
     """Announce a bundle to every running worker; with --canary, only if it scores at least as
     well as the model in use."""
@@ -750,7 +749,9 @@ def rollout_promote(
         err.print(result.line())
         if not result.passed:
             raise CliError(f"not promoted: {result.line()}")
-    revision = load_classifier(settings.model.model_copy(update={"path": model})).revision
+        revision = result.candidate_revision  # loaded once, by the gate
+    else:
+        revision = load_classifier(settings.model.model_copy(update={"path": model})).revision
     rollout = asyncio.run(promote(settings, model, revision, note=note))
     err.print(f"version {rollout.current.version}: {model} (revision {revision}) announced")
 
@@ -759,7 +760,7 @@ def rollout_promote(
 @one_line_errors
 def rollout_rollback(
     note: Annotated[str | None, typer.Option(help="Why, for the release history.")] = None,
-    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+    bootstrap_servers: BootstrapOpt = None,
 ) -> None:
     """Make the release before the current one current again."""
     from worker.feedback.rollout import rollback
@@ -776,7 +777,7 @@ def rollout_rollback(
 @rollout_app.command("status")
 @one_line_errors
 def rollout_status(
-    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+    bootstrap_servers: BootstrapOpt = None,
 ) -> None:
     """The current release and the ones before it."""
     from worker.feedback.rollout import read_rollout
@@ -823,7 +824,7 @@ def learn(
     every: Annotated[
         float, typer.Option(help="With --thresholds-only: repeat every this many seconds.")
     ] = 0.0,
-    bootstrap_servers: Annotated[str | None, typer.Option(help="Kafka bootstrap servers.")] = None,
+    bootstrap_servers: BootstrapOpt = None,
 ) -> None:
     """Learn from the reviewers' verdicts (the final topic): recalibrate the thresholds, or
     fine-tune on train + verdicts, gate the new bundle on a canary set and promote it."""

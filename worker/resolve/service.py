@@ -160,8 +160,9 @@ class Resolver:
             if counts[review] == 0:
                 raise FatalError(f"review topic {review!r} does not exist", EXIT_CONFIG)
             n = counts[review]
-            await ensure_topics(kafka, [verdicts, self.topics.final], n)
-            await ensure_topics(kafka, [self.topics.verdicts_dead_letter], n)
+            await ensure_topics(
+                kafka, [verdicts, self.topics.final, self.topics.verdicts_dead_letter], n
+            )
             await ensure_topics(
                 kafka, [self.resolver.changelog()], n, configs={"cleanup.policy": "compact"}
             )

@@ -24,6 +24,7 @@ class GateResult:
     current_f1: float
     tolerance: float
     canary_posts: int
+    candidate_revision: str | None = None  # its weights' hash, for the release
 
     @property
     def passed(self) -> bool:
@@ -59,4 +60,5 @@ def gate(
         current_f1=canary_f1(current, canary, engine),
         tolerance=tolerance,
         canary_posts=len(canary),
+        candidate_revision=candidate.revision,
     )

@@ -69,5 +69,5 @@ def learn(
     log(result.line())
     if not (result.passed and announce):
         return result, None
-    revision = load_model(settings, str(candidate)).revision
-    return result, asyncio.run(promote(settings, str(candidate), revision, note="learn"))
+    release = promote(settings, str(candidate), result.candidate_revision, note="learn")
+    return result, asyncio.run(release)
