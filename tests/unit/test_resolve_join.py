@@ -164,3 +164,17 @@ def test_a_request_from_an_older_worker_gets_the_id_the_worker_gives_now(
     state.on_request(0, orjson.dumps(doc), {}, 0)
     (final,) = finals(state.on_verdict(0, verdict("p1", request_id="posts:0:42"), SRC, 1))
     assert final["request_id"] == "posts:0:42"
+
+
+def test_a_final_event_too_large_for_its_topic_is_a_dead_letter_not_a_stuck_resolver() -> None:
+    from worker.kafka.topic_limits import TopicLimits
+
+    limits = TopicLimits({"final": 2_000})
+    state = ResolveState("r", verdict_wait_s=60, limits=limits, final_topic="final")
+    state.on_request(0, request("p1"), {}, 0)
+    outcome = state.on_verdict(0, verdict("p1", note="x" * 3_000), SRC, 1)
+    assert finals(outcome) == []
+    letter = dead_letter(outcome)
+    assert letter.error.kind == "output_too_large" and "accepts 2000" in letter.error.message
+    assert state.pending_requests() == 1  # a shorter verdict still resolves it
+    assert state.on_verdict(0, verdict("p1"), SRC, 2).kind == "resolved"

@@ -12,7 +12,8 @@ The rules, for a record of partition ``p``:
   waiting for it resolves it at once; the same request again (a post processed twice) is a no-op;
 * old entries: a request unanswered for ``request_ttl_s`` and the marker of a post resolved
   ``keep_resolved_s`` ago are forgotten (a tombstone in the changelog);
-* verdict: resolves the pending request (one ``FinalPost``, the entry becomes a resolved marker);
+* verdict: resolves the pending request (one ``FinalPost``, the entry becomes a resolved marker;
+  a final event larger than its topic accepts is an ``output_too_large`` dead letter instead);
   without a request it waits (``verdict_wait_s``, then it is dead-lettered as ``unknown_post``);
   the same verdict again is a no-op; a different verdict for a resolved request, a verdict that
   names another request, labels the model does not have, or a malformed verdict go to the dead
@@ -31,6 +32,7 @@ from pydantic import ValidationError
 
 from schemas import DeadLetterKind, ReviewVerdict
 from worker.decoding import payload_for_dead_letter
+from worker.kafka.topic_limits import TopicLimits
 from worker.routing.router import request_id as make_request_id
 
 Sink = Literal["final", "dead_letter", "state"]
@@ -86,11 +88,17 @@ class ResolveState:
         verdict_wait_s: float,
         request_ttl_s: float = 30 * 86400,
         keep_resolved_s: float = 7 * 86400,
+        limits: TopicLimits | None = None,
+        final_topic: str = "posts.final",
     ) -> None:
+        """``limits``: the output topics' record limits (a final event too large for
+        ``final_topic`` becomes an ``output_too_large`` dead letter, as in the worker)."""
         self.resolver_id = resolver_id
         self.verdict_wait_s = verdict_wait_s
         self.request_ttl_s = request_ttl_s
         self.keep_resolved_s = keep_resolved_s
+        self.limits = limits or TopicLimits()
+        self.final_topic = final_topic
         self.partitions: dict[int, dict[str, Entry]] = {}
 
     # ── ownership ───────────────────────────────────────────────────────────────────────────
@@ -257,15 +265,28 @@ class ResolveState:
             entries[post_id] = Entry(request=request, since=now)
             out.outputs.append(_state(post_id, entries[post_id]))
             return out
+        final = orjson.dumps(final_post(request, verdict, self.resolver_id))
+        size = self.limits.record_bytes(post_id.encode(), final, ())
+        limit = self.limits.limit_of(self.final_topic)
+        if limit is not None and size > limit:  # never sent: it would stop the resolver for good
+            out = self._dead_letter(
+                "output_too_large",
+                f"the final event is {size} bytes and topic {self.final_topic!r} accepts "
+                f"{limit} (max.message.bytes)",
+                orjson.dumps(verdict),
+                verdict_source,
+                post_id,
+            )
+            entries[post_id] = Entry(request=request, since=now)
+            out.outputs.append(_state(post_id, entries[post_id]))
+            return out
         entry = Entry(
             resolved={"request_id": request["request_id"], "digest": verdict_digest(verdict)},
             since=now,
         )
         entries[post_id] = entry
-        final = final_post(request, verdict, self.resolver_id)
         return Outcome(
-            "resolved",
-            [Output("final", post_id.encode(), orjson.dumps(final)), _state(post_id, entry)],
+            "resolved", [Output("final", post_id.encode(), final), _state(post_id, entry)]
         )
 
     def _dead_letter(

@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from worker.exit_codes import EXIT_CONFIG, EXIT_DELIVERY, EXIT_KAFKA, EXIT_OK, FatalError
 from worker.http import HealthServer
-from worker.kafka.admin import ensure_topics, partition_counts
+from worker.kafka.admin import ensure_topics, partition_counts, read_topic_limits
 from worker.kafka.clients import build_consumer, build_producer
 from worker.kafka.snapshot import read_to_end
 from worker.resolve.join import Outcome, ResolveState
@@ -116,6 +116,10 @@ class Resolver:
 
     async def _run(self) -> None:
         partitions = await self._prepare_topics()
+        # checked before sending, as the worker does: a record the broker rejects as too large
+        # would abort every transaction that carries it
+        self.state.limits = await read_topic_limits(self.settings, [self.topics.final])
+        self.state.final_topic = self.topics.final
         producer = build_producer(
             self.settings.kafka,
             transactional_id=self.resolver.transactional_id
