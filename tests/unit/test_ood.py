@@ -24,7 +24,7 @@ from worker.ood.calibration import (
     write_calibration,
 )
 from worker.ood.density import fit_class_gaussians
-from worker.ood.language import MAX_SCORE, LanguageSignal, primary_subtag
+from worker.ood.language import MAX_SCORE, NO_EVIDENCE_FACTOR, LanguageSignal, primary_subtag
 from worker.ood.scorer import OodBatch, OodScorer
 from worker.ood.tokens import TokenSignals
 from worker.routing.budget import ReviewBudget
@@ -69,6 +69,42 @@ def test_a_post_without_letters_gives_the_identifier_nothing_to_go_on() -> None:
     assert [v.score for v in (short, short2, digits)] == [0.0] * 3
     assert {short.language, short2.language, digits.language} == {"und"}
     assert emoji.score < 0.3  # emoji are no language, not another language
+
+
+MIXED = [
+    ENGLISH,
+    GERMAN,
+    RUSSIAN,
+    "Je ne peux pas croire à quel point cela m'a rendu heureux, merci beaucoup !",
+    "No puedo creer lo feliz que me hizo esto, ¡muchas gracias!",
+    "これがどれほど嬉しかったか信じられません、本当にありがとう！",
+    "THIS IS THE BEST THING THAT HAPPENED TO ME ALL WEEK",  # all upper: lower-cased first
+    "Cafe\u0301 au lait, the combining accent is normalised to NFC first",
+    "def route(self, posts): return [p for p in posts if p.score > 0.5]",
+    "🎉🎉🎉 so so happy 🎉🎉🎉 💕💕💕💕💕💕",
+    "Ich freue mich so sehr! " * 40,  # a long post: the automaton walks far past the others
+    "qzxj vbnm wrtp ghkl qzxj vbnm",
+    "",
+]
+
+
+def test_the_batched_identifier_gives_py3langids_probabilities_text_by_text() -> None:
+    from worker.ood.language import _batch_identifier, _identifier
+
+    batched = _batch_identifier()
+    got = batched.probabilities(MIXED)
+    for text, row in zip(MIXED, got, strict=True):
+        expected = dict(_identifier().rank(text))  # py3langid, one text at a time
+        assert set(expected) == set(batched.classes)
+        reference = np.array([expected[c] for c in batched.classes])
+        np.testing.assert_allclose(row, reference, atol=1e-5)
+        assert batched.classes[int(row.argmax())] == max(expected, key=expected.__getitem__)
+    assert got.shape == (len(MIXED), len(batched.classes)) and len(batched.classes) > 100
+    # no n-gram: uniform over py3langid's columns (a folded script alias holds two)
+    n_classes = len(batched.classes)
+    assert 0.5 / n_classes < got[-1].min() and got[-1].max() < NO_EVIDENCE_FACTOR / n_classes
+    # a batch's texts do not change each other's answers
+    np.testing.assert_allclose(batched.probabilities(MIXED[1:2])[0], got[1], atol=1e-6)
 
 
 def test_language_tags_and_unknown_languages() -> None:

@@ -1,6 +1,6 @@
 """Language identification: is a post written in a language the model was trained on?
 
-py3langid (a maintained, numpy-only fork of langid.py: 97 languages, n-gram naive Bayes) gives
+py3langid (a maintained, numpy-only fork of langid.py: 140 languages, n-gram naive Bayes) gives
 every language a probability. The signal is ``-log10 P(supported languages)``: 0 for a post the
 identifier is sure is supported, 30 (the cap) for one it is sure is not. Measured on GoEmotions dev
 (short, informal English): 2.5 % of the posts have another most probable language and P(English)
@@ -22,11 +22,12 @@ not set.
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
+
+from worker.ood.language_batch import BatchLanguageIdentifier
 
 UNSET_TAGS = frozenset({"", "und", "mul", "zxx", "mis"})
 UNDETERMINED = "und"
@@ -51,6 +52,12 @@ def _identifier() -> Any:
     return LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
 
+@cache
+def _batch_identifier() -> BatchLanguageIdentifier:
+    """The same model, a batch at a time (read-only after construction: safe across threads)."""
+    return BatchLanguageIdentifier(_identifier())
+
+
 def known_languages() -> frozenset[str]:
     return frozenset(_identifier().nb_classes)
 
@@ -72,26 +79,42 @@ class LanguageSignal:
         unknown = sorted(self.supported - known_languages())
         if unknown:
             raise ValueError(f"languages the identifier does not know: {unknown}")
-        self._lock = threading.Lock()  # the identifier is not documented as thread-safe
 
     def score(self, texts: Sequence[str], langs: Sequence[str | None]) -> list[LanguageVerdict]:
-        identifier = _identifier()
-        out = []
+        out: list[LanguageVerdict | None] = []
+        to_identify: list[int] = []
         for text, lang in zip(texts, langs, strict=True):
             declared = primary_subtag(lang)
             if declared is not None:
                 supported = declared in self.supported
                 out.append(LanguageVerdict(0.0 if supported else MAX_SCORE, declared, "producer"))
-                continue
-            if sum(ch.isalpha() for ch in text[: MIN_LETTERS * 4]) < MIN_LETTERS:
+            elif sum(ch.isalpha() for ch in text[: MIN_LETTERS * 4]) < MIN_LETTERS:
                 out.append(LanguageVerdict(0.0, UNDETERMINED, "detected"))  # too short to tell
-                continue
-            with self._lock:
-                ranked = identifier.rank(text)  # (language, probability), most probable first
-            if ranked[0][1] < NO_EVIDENCE_FACTOR / len(ranked):  # about uniform: nothing to go on
-                out.append(LanguageVerdict(0.0, UNDETERMINED, "detected"))
-                continue
-            inside = sum(p for code, p in ranked if code in self.supported or code == NO_LANGUAGE)
-            score = min(MAX_SCORE, -math.log10(inside)) if inside > 0 else MAX_SCORE
-            out.append(LanguageVerdict(round(max(0.0, score), 4), str(ranked[0][0]), "detected"))
-        return out
+            else:
+                to_identify.append(len(out))
+                out.append(None)
+        if to_identify:
+            identifier = _batch_identifier()
+            probabilities = identifier.probabilities([texts[i] for i in to_identify])
+            inside = probabilities[:, self._supported_columns(identifier.classes)].sum(axis=1)
+            top = probabilities.argmax(axis=1)
+            no_evidence = NO_EVIDENCE_FACTOR / len(identifier.classes)
+            for i, p_top, column, p_inside in zip(
+                to_identify,
+                probabilities.max(axis=1).tolist(),
+                top.tolist(),
+                inside.tolist(),
+                strict=True,
+            ):
+                if p_top < no_evidence:  # about uniform: nothing to go on
+                    out[i] = LanguageVerdict(0.0, UNDETERMINED, "detected")
+                    continue
+                score = min(MAX_SCORE, -math.log10(p_inside)) if p_inside > 0 else MAX_SCORE
+                language = identifier.classes[column]
+                out[i] = LanguageVerdict(round(max(0.0, score), 4), language, "detected")
+        return [v for v in out if v is not None]
+
+    def _supported_columns(self, classes: Sequence[str]) -> list[int]:
+        return [
+            i for i, code in enumerate(classes) if code in self.supported or code == NO_LANGUAGE
+        ]
