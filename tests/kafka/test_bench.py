@@ -11,7 +11,9 @@ import pytest
 from support.texts import EXAMPLE_TEXTS
 
 from worker.bench.run import BenchOptions, run_bench
+from worker.inference.engine import CPU_TOKENS_PER_FORWARD
 from worker.inference.precision import native_bf16
+from worker.inference.token_budget import CANDIDATES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,6 +73,9 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
     assert full["label_set_agreement"] == full["review_agreement"] == 1.0
     assert full["mean_abs_difference"] == 0.0
     assert by_name["deterministic"]["mean_samples"] == 1.0
+    # the engine rows ran at the budget an unseeded engine measures (token_budget.py)
+    assert by_name["full"]["tokens_per_forward"] in CANDIDATES
+    assert by_name["emcoder_card"]["tokens_per_forward"] is None
     assert 1.0 <= by_name["fast"]["mean_samples"] <= 4.0
     assert written["memory"]["peak_rss_mb"] > 0
     steady = written["memory"]["steady"]  # the default engine batch after batch, in a child
@@ -170,7 +175,8 @@ def test_gpu_bench_runs_its_parts_on_the_cpu_in_quick_mode(
     best = max(sweep[:2], key=lambda r: r["posts_per_s"])["tokens_per_forward"]
     assert [(r["tokens_per_forward"], r["batch"]) for r in sweep[2:]] == [(best, 16)]
     assert all(r["posts"] == 80 and r["mean_samples"] == 4.0 for r in sweep)
-    assert written["memory"]["posts"] == 8 and written["memory"]["tokens_per_forward"] == 1024
+    assert written["memory"]["posts"] == 8
+    assert written["memory"]["tokens_per_forward"] == CPU_TOKENS_PER_FORWARD
     assert "compiled" not in written  # GPU only
     assert result["sweep"] == sweep
 

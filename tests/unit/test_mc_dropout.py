@@ -391,13 +391,58 @@ def test_each_chunk_runs_its_samples_in_one_pass(
 def test_the_default_token_budget_depends_on_the_device(
     classifier: Classifier, token_ids: list[list[int]], pass_shapes: list[tuple[int, int]]
 ) -> None:
-    """0 (the default) means the device's budget: every CPU pass within 1,024 tokens, in as few
-    passes as that budget allows; a GPU's budget is far larger (one pass must fill it)."""
-    assert tokens_per_forward_for(torch.device("cpu")) == CPU_TOKENS_PER_FORWARD == 1024
+    """0 (the default) with a seed means the fixed budget: every CPU pass within 2,048 tokens,
+    in as few passes as that budget allows; a GPU's budget is far larger (one pass must fill
+    it)."""
+    assert tokens_per_forward_for(torch.device("cpu")) == CPU_TOKENS_PER_FORWARD == 2048
     assert tokens_per_forward_for(torch.device("cuda")) == GPU_TOKENS_PER_FORWARD >= 64 * 1024
     n = 30
     many = token_ids * 8
-    summary = engine(classifier, mode="full", n_samples=n, seed=3).predict(many)
+    e = engine(classifier, mode="full", n_samples=n, seed=3)
+    assert e.tokens_per_forward == 2048
+    summary = e.predict(many)
     np.testing.assert_array_equal(summary.n_samples, [n] * len(many))
-    assert all(rows * width <= 1024 for rows, width in pass_shapes)
-    assert len(pass_shapes) == len(list(length_chunks([len(t) for t in many], 1024 // n)))
+    assert all(rows * width <= 2048 for rows, width in pass_shapes)
+    assert len(pass_shapes) == len(list(length_chunks([len(t) for t in many], 2048 // n)))
+
+
+def test_an_unseeded_cpu_engine_measures_its_budget_and_keeps_the_smallest_near_the_fastest(
+    classifier: Classifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a seed the budget is measured once per model and precision: each candidate is
+    timed with dropout on, and the smallest within 3 % of the fastest wins; torch's random
+    state is left as it was."""
+    from worker.inference import token_budget
+
+    rates = {1024: 100.0, 2048: 180.0, 4096: 200.0, 8192: 195.0}
+    seen: list[tuple[int, bool]] = []
+
+    def timed_pass(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        dropout_on = any(m.training for m in model.modules() if isinstance(m, nn.Dropout))
+        seen.append((ids.numel(), dropout_on))
+        return torch.zeros(len(ids), len(classifier.label_names))
+
+    monkeypatch.setattr(classifier.adapter, "probabilities", timed_pass)
+    token_budget._CHOICES.clear()
+    # each pass measures its candidate's rate (the clock is not what is under test)
+    monkeypatch.setattr(token_budget, "_rate", lambda tokens, seconds: rates[_candidate(tokens)])
+    state = torch.get_rng_state()
+    first = engine(classifier, mode="full", n_samples=10)
+    assert first.tokens_per_forward == 4096  # 8192 is within 3 % of it but larger
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(dropout_on for _, dropout_on in seen)
+    measured = len(seen)
+    assert {_candidate(tokens) for tokens, _ in seen} == set(rates)
+    assert engine(classifier, mode="full", n_samples=10).tokens_per_forward == 4096
+    assert len(seen) == measured  # measured once per model and precision
+    assert engine(classifier, mode="full", n_samples=10, seed=1).tokens_per_forward == 2048
+    rates.update({4096: 176.0, 8192: 150.0})  # now 2048 is the fastest (180)
+    token_budget._CHOICES.clear()
+    assert engine(classifier, mode="full", n_samples=10).tokens_per_forward == 2048
+    explicit = engine(classifier, mode="full", n_samples=10, max_tokens_per_forward=300)
+    assert explicit.tokens_per_forward == 300
+
+
+def _candidate(tokens: int) -> int:
+    """The candidate budget a calibration pass of ``tokens`` tokens stands for."""
+    return min((1024, 2048, 4096, 8192), key=lambda b: abs(b - tokens))

@@ -258,9 +258,17 @@ def run_inference_bench(
     def on_timed_posts(config: EngineConfig) -> McSummary:
         return engine_run(classifier, timed_tokens, config, batch=profile.engine_batch)
 
+    budgets: dict[str, int] = {}  # per precision: the engine's tokens per pass, set below
+
     def full(seed: int, precision: Precision = "fp32") -> McSummary:
         return on_timed_posts(
-            _with(full_config, seed=seed, n_samples=n_samples, precision=precision)
+            _with(
+                full_config,
+                seed=seed,
+                n_samples=n_samples,
+                precision=precision,
+                max_tokens_per_forward=budgets[precision],
+            )
         )
 
     warm_tokens = tokens[: profile.warmup_posts]
@@ -291,8 +299,23 @@ def run_inference_bench(
     if device.type == "cuda":  # float16 matmuls are native on GPUs only
         precisions.append("fp16")
     with_int8 = device.type == "cpu"  # int8 layers are a CPU path
+    # the seeded runs below take the budget an unseeded (production) engine measures at start
+    for precision in precisions:
+        budgets[precision] = (
+            profile.tokens_per_forward
+            or McDropoutEngine(
+                classifier, EngineConfig(n_samples=n_samples, precision=precision)
+            ).tokens_per_forward
+        )
+    log(f"  tokens per forward pass, by precision: {budgets}")
+    fast_config = _with(fast_config, max_tokens_per_forward=budgets["fp32"])
     warm_configs = [
-        _with(config, n_samples=n_samples, precision=precision)
+        _with(
+            config,
+            n_samples=n_samples,
+            precision=precision,
+            max_tokens_per_forward=budgets[precision],
+        )
         for precision in precisions
         for config in (full_config, fast_config)
     ]
@@ -328,10 +351,12 @@ def run_inference_bench(
         engine_method("full_bf16", lambda: full(44, "bf16"))
         # the seed of the reference run: the same dropout masks, so only the precision differs
         engine_method("full_bf16_same_seed", lambda: full(11, "bf16"))
-        engine_method("fast_bf16", lambda: on_timed_posts(_with(fast, seed=55, precision="bf16")))
+        fast_bf16 = _with(fast, seed=55, precision="bf16", max_tokens_per_forward=budgets["bf16"])
+        engine_method("fast_bf16", lambda: on_timed_posts(fast_bf16))
     if "fp16" in precisions:
         engine_method("full_fp16", lambda: full(66, "fp16"))
-        engine_method("fast_fp16", lambda: on_timed_posts(_with(fast, seed=77, precision="fp16")))
+        fast_fp16 = _with(fast, seed=77, precision="fp16", max_tokens_per_forward=budgets["fp16"])
+        engine_method("fast_fp16", lambda: on_timed_posts(fast_fp16))
     det = EngineConfig(n_samples=1, mode="off", precision="fp32")
     engine_method("deterministic", lambda: on_timed_posts(det))
 
@@ -340,17 +365,20 @@ def run_inference_bench(
     model_config = classifier.model.config
     rows = []
     for run in runs:
-        precision = method_precision(run.name)
+        run_precision = method_precision(run.name)
         samples = run.summary.n_samples[: run.posts].astype(float).tolist()
         work = useful_gflop(model_config, run.lengths, samples) / run.seconds
-        bound = (bounds or {}).get(precision)
+        bound = (bounds or {}).get(run_precision)
         row: dict[str, Any] = {
             "name": run.name,
             "posts_per_s": round(run.posts_per_s, 3),
             "ratio_to_loop": round(run.posts_per_s / loop_rate, 3),
-            "precision": precision,
+            "precision": run_precision,
             "useful_gflops": round(work, 1),
             "bound_fraction": round(work / bound, 3) if bound else None,
+            "tokens_per_forward": budgets.get(precision)
+            if run.name.startswith(("full", "fast"))
+            else None,
             "peak_rss_mb": round(run.peak_rss_mb, 1),
             "posts_timed": run.posts,
         }

@@ -19,6 +19,7 @@ import psutil
 import torch
 
 from worker.bench.bound import measure_bounds
+from worker.bench.compression import compression_table
 from worker.bench.inference import engine_run, run_inference_bench
 from worker.bench.ood_cost import ood_cost
 from worker.bench.results import (
@@ -40,6 +41,7 @@ from worker.bench.streaming import (
 from worker.inference.engine import EngineConfig, McDropoutEngine, McMode, engine_precision
 from worker.inference.loading import Classifier, load_classifier
 from worker.inference.model_thread import model_thread
+from worker.kafka.snapshot import read_to_end
 from worker.onednn import CACHE_VARIABLES, DEFAULT_CAPACITY
 from worker.settings import ModelSettings
 
@@ -162,15 +164,19 @@ async def streaming_benches(
         messages = post_messages(texts, repeat=n_transport // len(texts) + 1)[:n_transport]
         # the worker as configured by default (OOD signals on), the same with exactly-once, and
         # without the OOD signals: what they cost a worker whose inference is nearly free
+        # and with zstd outputs (its cost on the event loop; these events' constant
+        # probabilities compress far better than real ones: the bytes come from section 2)
         variants = (
-            (False, True, ""),
-            (True, True, "_exactly_once"),
-            (False, False, "_without_ood"),
+            (False, True, "", "none"),
+            (True, True, "_exactly_once", "none"),
+            (False, False, "_without_ood", "none"),
+            (False, True, "_zstd", "zstd"),
         )
-        for exactly_once, ood, key in variants:
+        for exactly_once, ood, key, codec in variants:
             settings = bench_settings(
                 bootstrap, f"transport{key}-{stamp}", batch_size=512, max_in_flight_batches=8,
                 exactly_once=exactly_once, ood={"enabled": ood},
+                kafka={"producer_compression": codec},
             )  # fmt: skip
             transport = await saturated_throughput(
                 settings,
@@ -223,8 +229,22 @@ async def streaming_benches(
             piped_runs.append(
                 await saturated_throughput(settings, classifier, post_messages(posts), executor)
             )
+            if not exactly_once:
+                pipeline_settings = settings
             raw_runs.append(await raw_inference())
         piped, eos_piped = piped_runs
+        # what each codec makes of the real events just published (bytes, build time)
+        enriched, _ = await read_to_end(pipeline_settings.kafka, pipeline_settings.topics.enriched)
+        events = [r.value for records in enriched.values() for r in records if r.value]
+        out["compression"] = compression_table(events)
+        log(
+            "compression of real enriched events (bytes per event, µs to build): "
+            + ", ".join(
+                f"{codec} {row['bytes_per_event']:.0f} B ({row['ratio']:.1f}x) "
+                f"{row['build_us']:.1f} µs"
+                for codec, row in out["compression"].items()
+            )
+        )
         raw_before, raw_between, raw_after = raw_runs
         raw_for_piped = (raw_before + raw_between) / 2
         raw_for_eos = (raw_between + raw_after) / 2

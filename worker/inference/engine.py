@@ -53,6 +53,7 @@ from worker.inference.dropout import set_mc_dropout
 from worker.inference.fast_dropout import install_fast_dropout
 from worker.inference.loading import Classifier
 from worker.inference.precision import DTYPES, Precision, autocast, resolve_precision
+from worker.inference.token_budget import SEEDED_CPU_BUDGET, measured_budget
 from worker.inference.uncertainty import McAccumulator, McSummary
 from worker.settings import McMode
 
@@ -62,7 +63,7 @@ class EngineConfig:
     n_samples: int = 30
     mode: McMode = "full"
     seed: int | None = None
-    max_tokens_per_forward: int = 0  # 0: auto, tokens_per_forward_for(device)
+    max_tokens_per_forward: int = 0  # 0: auto (measured on the CPU: token_budget.py)
     samples_per_forward: int = 0  # 0: as many as fit the token budget
     fast_dropout: bool = True  # cheaper dropout masks on the CPU (see fast_dropout.py)
     first_samples: int = 12  # fast mode: samples every post gets
@@ -128,6 +129,7 @@ class McDropoutEngine:
             else None
         )
         self._turn = 0  # the member the next odd sample comes from (see _sample_members)
+        self.tokens_per_forward = self._token_budget()
 
     @property
     def sampling_model(self) -> nn.Module:
@@ -148,6 +150,21 @@ class McDropoutEngine:
         if (dtype := DTYPES.get(self.precision)) is not None:  # only with float parameters
             return low_precision_copy(model, dtype)
         return model
+
+    def _token_budget(self) -> int:
+        """The tokens one pass carries: as configured; on ``auto``, measured on the CPU
+        (``token_budget.py``; a seeded engine takes the fixed ``SEEDED_CPU_BUDGET``)."""
+        if self.config.max_tokens_per_forward:
+            return self.config.max_tokens_per_forward
+        if self.device.type != "cpu":
+            return tokens_per_forward_for(self.device)
+        if self.config.seed is not None or self.mode == "off":
+            return SEEDED_CPU_BUDGET
+        if not has_float_parameters(self.sampling_model):  # e.g. ONNX: nothing to measure
+            return tokens_per_forward_for(self.device)
+        return measured_budget(
+            self.classifier, self.sampling_model, self.precision
+        ).tokens_per_forward
 
     @property
     def n_samples(self) -> int:
@@ -233,7 +250,7 @@ class McDropoutEngine:
         acc: McAccumulator,
     ) -> None:
         """Draw ``n`` samples for each post in ``rows`` into ``acc``."""
-        budget = self.config.max_tokens_per_forward or tokens_per_forward_for(self.device)
+        budget = self.tokens_per_forward
         lengths = [len(token_ids[i]) for i in rows]
         device = self.device
         # chunks of budget / n tokens, each run once with its n copies in one pass: nearly no
@@ -311,15 +328,15 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList | None:
 
 _TAPS: weakref.WeakKeyDictionary[nn.Module, dict[int, HiddenStateTap]] = weakref.WeakKeyDictionary()
 
-CPU_TOKENS_PER_FORWARD = 1024
+CPU_TOKENS_PER_FORWARD = SEEDED_CPU_BUDGET  # when not measured (seeded, off mode, no torch model)
 GPU_TOKENS_PER_FORWARD = 131_072
 
 
 def tokens_per_forward_for(device: torch.device) -> int:
     """The default token budget of one forward pass (padded rows x width, copies included).
 
-    On the CPU, passes of about 1,000 tokens already keep the matmuls efficient, and larger ones
-    only cost memory; a GPU needs passes a hundred times larger to be busy (``emoworker bench``
+    On the CPU the engine measures it on ``auto`` (``token_budget.py``) and this is the value
+    when it does not; a GPU needs passes a hundred times larger to be busy (``emoworker bench``
     measures both). The budget also bounds the memory of one pass.
     """
     return GPU_TOKENS_PER_FORWARD if device.type == "cuda" else CPU_TOKENS_PER_FORWARD
