@@ -293,7 +293,7 @@ class ModelSettings(BaseModel):
         0,
         ge=0,
         description="Most tokens in one forward pass (padded posts x width x MC copies); bounds "
-        "the memory of a pass. 0: auto (on the CPU measured at start-up among 1,024-8,192, or "
+        "the memory of a pass. 0: auto (on the CPU measured at start-up among 1,024-4,096, or "
         "2,048 with a seed; 131,072 on a GPU).",
     )
     max_length: int = Field(

@@ -301,12 +301,13 @@ def run_inference_bench(
     with_int8 = device.type == "cpu"  # int8 layers are a CPU path
     # the seeded runs below take the budget an unseeded (production) engine measures at start
     for precision in precisions:
-        budgets[precision] = (
-            profile.tokens_per_forward
-            or McDropoutEngine(
-                classifier, EngineConfig(n_samples=n_samples, precision=precision)
-            ).tokens_per_forward
-        )
+        budgets[precision] = profile.tokens_per_forward
+        if not budgets[precision]:
+            engine = McDropoutEngine(classifier, EngineConfig(n_samples, precision=precision))
+            budgets[precision] = engine.tokens_per_forward
+            if engine.budget_choice is not None:
+                rates = {k: round(v) for k, v in engine.budget_choice.tokens_per_s.items()}
+                log(f"  token budget measured ({precision}), tokens/s by budget: {rates}")
     log(f"  tokens per forward pass, by precision: {budgets}")
     fast_config = _with(fast_config, max_tokens_per_forward=budgets["fp32"])
     warm_configs = [
@@ -376,7 +377,7 @@ def run_inference_bench(
             "precision": run_precision,
             "useful_gflops": round(work, 1),
             "bound_fraction": round(work / bound, 3) if bound else None,
-            "tokens_per_forward": budgets.get(precision)
+            "tokens_per_forward": budgets.get(run_precision, budgets["fp32"])
             if run.name.startswith(("full", "fast"))
             else None,
             "peak_rss_mb": round(run.peak_rss_mb, 1),

@@ -53,7 +53,12 @@ from worker.inference.dropout import set_mc_dropout
 from worker.inference.fast_dropout import install_fast_dropout
 from worker.inference.loading import Classifier
 from worker.inference.precision import DTYPES, Precision, autocast, resolve_precision
-from worker.inference.token_budget import SEEDED_CPU_BUDGET, measured_budget
+from worker.inference.token_budget import (
+    SEEDED_CPU_BUDGET,
+    BudgetChoice,
+    calibration_posts,
+    measured_budget,
+)
 from worker.inference.uncertainty import McAccumulator, McSummary
 from worker.settings import McMode
 
@@ -129,6 +134,7 @@ class McDropoutEngine:
             else None
         )
         self._turn = 0  # the member the next odd sample comes from (see _sample_members)
+        self.budget_choice: BudgetChoice | None = None  # set when the budget was measured
         self.tokens_per_forward = self._token_budget()
 
     @property
@@ -162,9 +168,27 @@ class McDropoutEngine:
             return SEEDED_CPU_BUDGET
         if not has_float_parameters(self.sampling_model):  # e.g. ONNX: nothing to measure
             return tokens_per_forward_for(self.device)
-        return measured_budget(
-            self.classifier, self.sampling_model, self.precision
-        ).tokens_per_forward
+        self.budget_choice = measured_budget(
+            self.sampling_model, self.precision, self._sample_calibration_batch
+        )
+        return self.budget_choice.tokens_per_forward
+
+    def _sample_calibration_batch(self, budget: int) -> int:
+        """Full MC on ``token_budget.calibration_posts`` with ``budget`` tokens a pass, as
+        ``predict`` samples (on the first model); returns the tokens sampled."""
+        token_ids = calibration_posts(self.classifier.tokenize)
+        n = self.config.n_samples
+        acc = McAccumulator(
+            len(token_ids), len(self.classifier.label_names), self.thresholds, self.device
+        )
+        model = self.sampling_model
+        with torch.inference_mode(), autocast(self.precision, self.classifier.device):
+            set_mc_dropout(model, True)
+            try:
+                self._sample(model, token_ids, list(range(len(token_ids))), n, acc, budget)
+            finally:
+                model.eval()
+        return n * sum(len(t) for t in token_ids)
 
     @property
     def n_samples(self) -> int:
@@ -248,9 +272,11 @@ class McDropoutEngine:
         rows: list[int],
         n: int,
         acc: McAccumulator,
+        budget: int = 0,
     ) -> None:
-        """Draw ``n`` samples for each post in ``rows`` into ``acc``."""
-        budget = self.tokens_per_forward
+        """Draw ``n`` samples for each post in ``rows`` into ``acc`` (``budget``: tokens a
+        pass, if not the engine's)."""
+        budget = budget or self.tokens_per_forward
         lengths = [len(token_ids[i]) for i in rows]
         device = self.device
         # chunks of budget / n tokens, each run once with its n copies in one pass: nearly no
