@@ -16,8 +16,9 @@ Methods (all at the same N):
 * ``fast`` — the engine's fast mode;
 * ``full_bf16``, ``fast_bf16`` — the same two modes with bfloat16 matmuls (autocast), another
   seed; rows only where the hardware has native bfloat16 (``auto`` picks it there);
-* ``full_bf16_same_seed`` — bfloat16 with the first ``full`` run's seed (the same dropout masks):
-  its agreement with that run is the effect of the precision alone;
+* ``full_bf16_same_seed`` — bfloat16 with the first ``full`` run's seed and token budget (the
+  same dropout masks): its agreement with that run is the effect of the precision alone (and,
+  where the budgets differ, its speed against ``full_bf16`` the effect of the budget);
 * ``deterministic`` — one eval-mode pass (no uncertainty), for scale.
 
 The loops, ``full``, ``full_vs_full``, ``fast`` and ``deterministic`` run in float32.
@@ -260,14 +261,14 @@ def run_inference_bench(
 
     budgets: dict[str, int] = {}  # per precision: the engine's tokens per pass, set below
 
-    def full(seed: int, precision: Precision = "fp32") -> McSummary:
+    def full(seed: int, precision: Precision = "fp32", budget_of: str = "") -> McSummary:
         return on_timed_posts(
             _with(
                 full_config,
                 seed=seed,
                 n_samples=n_samples,
                 precision=precision,
-                max_tokens_per_forward=budgets[precision],
+                max_tokens_per_forward=budgets[budget_of or precision],
             )
         )
 
@@ -351,7 +352,8 @@ def run_inference_bench(
     if "bf16" in precisions:
         engine_method("full_bf16", lambda: full(44, "bf16"))
         # the seed of the reference run: the same dropout masks, so only the precision differs
-        engine_method("full_bf16_same_seed", lambda: full(11, "bf16"))
+        # the same masks need the same arrangement: the reference's budget
+        engine_method("full_bf16_same_seed", lambda: full(11, "bf16", budget_of="fp32"))
         fast_bf16 = _with(fast, seed=55, precision="bf16", max_tokens_per_forward=budgets["bf16"])
         engine_method("fast_bf16", lambda: on_timed_posts(fast_bf16))
     if "fp16" in precisions:
@@ -377,9 +379,7 @@ def run_inference_bench(
             "precision": run_precision,
             "useful_gflops": round(work, 1),
             "bound_fraction": round(work / bound, 3) if bound else None,
-            "tokens_per_forward": budgets.get(run_precision, budgets["fp32"])
-            if run.name.startswith(("full", "fast"))
-            else None,
+            "tokens_per_forward": run_budget(run.name, run_precision, budgets),
             "peak_rss_mb": round(run.peak_rss_mb, 1),
             "posts_timed": run.posts,
         }
@@ -395,6 +395,15 @@ def run_inference_bench(
         row["posts_compared"] = agreement_n
         rows.append(row)
     return rows
+
+
+def run_budget(name: str, precision: str, budgets: dict[str, int]) -> int | None:
+    """The tokens per pass an engine row ran with (None for the loops)."""
+    if not name.startswith(("full", "fast")):
+        return None
+    if name.endswith("_same_seed") or precision not in budgets:  # int8: the fp32 model's
+        return budgets["fp32"]
+    return budgets[precision]
 
 
 def _with(config: EngineConfig, **changes: Any) -> EngineConfig:

@@ -79,6 +79,7 @@ class LanguageSignal:
         unknown = sorted(self.supported - known_languages())
         if unknown:
             raise ValueError(f"languages the identifier does not know: {unknown}")
+        _batch_identifier()  # built now (~0.2 s: the automaton's table), not in the first batch
 
     def score(self, texts: Sequence[str], langs: Sequence[str | None]) -> list[LanguageVerdict]:
         out: list[LanguageVerdict | None] = []
