@@ -43,13 +43,21 @@ async def test_a_promoted_bundle_reaches_every_worker_and_a_rollback_brings_the_
     v2 = revision_of(second)
     assert v1 != v2
     workers = [WorkerProcess(settings, tmp_path / f"w{k}.log", name=f"w{k}") for k in (1, 2)]
-    n = 900
     feeding: asyncio.Task[None] | None = None
+    rolled_back = asyncio.Event()
+    produced = 0
 
-    async def feed() -> None:  # 30 posts every 0.5 s: the stream goes on through both swaps
-        for start in range(0, n, 30):
+    async def feed() -> None:
+        """30 posts every 0.5 s: the stream goes on through both swaps, and for four chunks
+        after the rollback reached both workers (a fixed length raced the swaps on a busy
+        machine: the stream could end before the second one)."""
+        nonlocal produced
+        after = 0
+        while after < 4:
             await produce(kafka.bootstrap_servers, topics.input,
-                          [post_bytes(i) for i in range(start, start + 30)])  # fmt: skip
+                          [post_bytes(i) for i in range(produced, produced + 30)])  # fmt: skip
+            produced += 30
+            after += rolled_back.is_set()
             await asyncio.sleep(0.5)
 
     async def swapped(count: int) -> float:
@@ -70,7 +78,9 @@ async def test_a_promoted_bundle_reaches_every_worker_and_a_rollback_brings_the_
         await asyncio.sleep(4)
         await rollback(settings)
         to_v1 = await swapped(2)
+        rolled_back.set()
         await feeding
+        n = produced
         records = await read_all(kafka.bootstrap_servers, topics.enriched, expect=n, idle_s=4,
                                  timeout_s=240, isolation_level="read_committed")  # fmt: skip
     finally:
