@@ -38,6 +38,7 @@ casts.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import math
@@ -99,6 +100,18 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def stochastic(models: list[nn.Module]) -> Iterator[None]:
+    """Every dropout layer of ``models`` on (MC sampling); back to eval mode after."""
+    for model in models:
+        set_mc_dropout(model, True)
+    try:
+        yield
+    finally:
+        for model in models:
+            model.eval()
 
 
 def length_chunks(lengths: list[int], max_tokens: int) -> Iterator[list[int]]:
@@ -168,26 +181,25 @@ class McDropoutEngine:
             return SEEDED_CPU_BUDGET
         if not has_float_parameters(self.sampling_model):  # e.g. ONNX: nothing to measure
             return tokens_per_forward_for(self.device)
+        token_ids = calibration_posts(self.classifier.tokenize)
         self.budget_choice = measured_budget(
-            self.sampling_model, self.precision, self._sample_calibration_batch
+            self.sampling_model,
+            self.precision,
+            lambda budget: self._sample_calibration_batch(token_ids, budget),
         )
         return self.budget_choice.tokens_per_forward
 
-    def _sample_calibration_batch(self, budget: int) -> int:
-        """Full MC on ``token_budget.calibration_posts`` with ``budget`` tokens a pass, as
-        ``predict`` samples (on the first model); returns the tokens sampled."""
-        token_ids = calibration_posts(self.classifier.tokenize)
+    def _sample_calibration_batch(self, token_ids: list[list[int]], budget: int) -> int:
+        """Full MC on ``token_ids`` with ``budget`` tokens a pass, as ``predict`` samples (on
+        the first model); returns the tokens sampled."""
         n = self.config.n_samples
         acc = McAccumulator(
             len(token_ids), len(self.classifier.label_names), self.thresholds, self.device
         )
         model = self.sampling_model
-        with torch.inference_mode(), autocast(self.precision, self.classifier.device):
-            set_mc_dropout(model, True)
-            try:
-                self._sample(model, token_ids, list(range(len(token_ids))), n, acc, budget)
-            finally:
-                model.eval()
+        device = self.classifier.device
+        with torch.inference_mode(), autocast(self.precision, device), stochastic([model]):
+            self._sample(model, token_ids, list(range(len(token_ids))), n, acc, budget)
         return n * sum(len(t) for t in token_ids)
 
     @property
@@ -211,16 +223,11 @@ class McDropoutEngine:
                     set_mc_dropout(model, False)
                     self._sample(model, token_ids, rows, 1, acc)
                 return acc.summary()
-            for model in self.sampling_models:
-                set_mc_dropout(model, True)
-            try:
+            with stochastic(self.sampling_models):
                 if self.mode == "full":
                     self._sample_members(token_ids, rows, self.n_samples, acc)
                 else:
                     self._adaptive(token_ids, acc)
-            finally:
-                for model in self.sampling_models:
-                    model.eval()
         return acc.summary()
 
     def _sample_members(

@@ -79,7 +79,11 @@ class LanguageSignal:
         unknown = sorted(self.supported - known_languages())
         if unknown:
             raise ValueError(f"languages the identifier does not know: {unknown}")
-        _batch_identifier()  # built now (~0.2 s: the automaton's table), not in the first batch
+        # built now (~0.2 s: the automaton's table), not in the first batch
+        classes = _batch_identifier().classes
+        self._supported_columns = [
+            i for i, code in enumerate(classes) if code in self.supported or code == NO_LANGUAGE
+        ]
 
     def score(self, texts: Sequence[str], langs: Sequence[str | None]) -> list[LanguageVerdict]:
         out: list[LanguageVerdict | None] = []
@@ -97,7 +101,7 @@ class LanguageSignal:
         if to_identify:
             identifier = _batch_identifier()
             probabilities = identifier.probabilities([texts[i] for i in to_identify])
-            inside = probabilities[:, self._supported_columns(identifier.classes)].sum(axis=1)
+            inside = probabilities[:, self._supported_columns].sum(axis=1)
             top = probabilities.argmax(axis=1)
             no_evidence = NO_EVIDENCE_FACTOR / len(identifier.classes)
             for i, p_top, column, p_inside in zip(
@@ -114,8 +118,3 @@ class LanguageSignal:
                 language = identifier.classes[column]
                 out[i] = LanguageVerdict(round(max(0.0, score), 4), language, "detected")
         return [v for v in out if v is not None]
-
-    def _supported_columns(self, classes: Sequence[str]) -> list[int]:
-        return [
-            i for i, code in enumerate(classes) if code in self.supported or code == NO_LANGUAGE
-        ]

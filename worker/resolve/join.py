@@ -255,31 +255,19 @@ class ResolveState:
         known = {e["label"] for e in request.get("emotions", [])}
         unknown = [label for label in verdict["labels"] if label not in known]
         if unknown:
-            out = self._dead_letter(
-                "unknown_label",
+            return self._reject_keeping_request(
+                entries, post_id, request, verdict, verdict_source, now, "unknown_label",
                 f"labels {unknown} are not among the model's {len(known)} labels",
-                orjson.dumps(verdict),
-                verdict_source,
-                post_id,
-            )
-            entries[post_id] = Entry(request=request, since=now)
-            out.outputs.append(_state(post_id, entries[post_id]))
-            return out
+            )  # fmt: skip
         final = orjson.dumps(final_post(request, verdict, self.resolver_id))
         size = self.limits.record_bytes(post_id.encode(), final, ())
         limit = self.limits.limit_of(self.final_topic)
         if limit is not None and size > limit:  # never sent: it would stop the resolver for good
-            out = self._dead_letter(
-                "output_too_large",
+            return self._reject_keeping_request(
+                entries, post_id, request, verdict, verdict_source, now, "output_too_large",
                 f"the final event is {size} bytes and topic {self.final_topic!r} accepts "
                 f"{limit} (max.message.bytes)",
-                orjson.dumps(verdict),
-                verdict_source,
-                post_id,
-            )
-            entries[post_id] = Entry(request=request, since=now)
-            out.outputs.append(_state(post_id, entries[post_id]))
-            return out
+            )  # fmt: skip
         entry = Entry(
             resolved={"request_id": request["request_id"], "digest": verdict_digest(verdict)},
             since=now,
@@ -288,6 +276,24 @@ class ResolveState:
         return Outcome(
             "resolved", [Output("final", post_id.encode(), final), _state(post_id, entry)]
         )
+
+    def _reject_keeping_request(
+        self,
+        entries: dict[str, Entry],
+        post_id: str,
+        request: dict[str, Any],
+        verdict: dict[str, Any],
+        verdict_source: dict[str, Any],
+        now: float,
+        kind: DeadLetterKind,
+        message: str,
+    ) -> Outcome:
+        """The verdict as a dead letter; its request stays pending (a corrected verdict may
+        still come)."""
+        out = self._dead_letter(kind, message, orjson.dumps(verdict), verdict_source, post_id)
+        entries[post_id] = Entry(request=request, since=now)
+        out.outputs.append(_state(post_id, entries[post_id]))
+        return out
 
     def _dead_letter(
         self,
