@@ -1,7 +1,8 @@
 """Wire formats of emotion-stream, as pydantic v2 models.
 
-Every event carries ``schema_version``. Minor versions (``1.x``) only ever add optional fields, so a
-reader of ``1`` can read any ``1.x``; a new major version is a breaking change.
+Every event carries ``schema_version``. Minor versions (``1.x``) only ever add optional fields (or
+a layout a setting opts into: the compact enriched event, 1.5), so a reader of ``1`` can read any
+``1.x`` the worker is configured to write; a new major version is a breaking change.
 The JSON Schema files beside this module are generated from these models (``emoworker schema
 --write``) and a test fails when they are stale.
 """
@@ -24,7 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 SUPPORTED_INPUT_MAJOR = "1"
 MAX_ID_CHARS = 512
@@ -236,15 +237,30 @@ class FileSource(BaseModel):
     line: int = Field(description="1-based line number in the input file.")
 
 
-class EnrichedPost(BaseModel):
-    """One per valid input post (the enriched topic, key = post id)."""
+class EmotionColumns(BaseModel):
+    """The compact layout's per-label scores: one array per statistic, in ``labels`` order
+    (since 1.5)."""
 
-    model_config = ConfigDict(title="EnrichedPost")
+    labels: list[str] = Field(description="The model's labels; the order of the other arrays.")
+    probability: list[float] = Field(
+        description="Mean of the sigmoid outputs over the MC samples, rounded to 4 digits."
+    )
+    uncertainty: list[float] | None = Field(
+        description="Standard deviation over the MC samples, rounded to 4 digits (null when "
+        "the model runs deterministically)."
+    )
+    flip_rate: list[float] | None = Field(
+        description="Share of MC samples on the other side of the threshold from the mean "
+        "(null when the model runs deterministically)."
+    )
+
+
+class _EnrichedFields(BaseModel):
+    """What both layouts of the enriched event hold besides the per-label scores."""
 
     schema_version: str = SCHEMA_VERSION
     id: str = Field(description="The post's id.")
     post: SocialPost = Field(description="The input post as received, unknown fields included.")
-    emotions: list[EmotionScore] = Field(description="One entry per label of the model.")
     predicted_labels: list[str] = Field(
         description="Labels at or above their threshold; never empty (falls back to the most "
         "probable label)."
@@ -257,6 +273,26 @@ class EnrichedPost(BaseModel):
     processed_at: datetime
     worker_id: str
     source: KafkaSource | FileSource | None = None
+
+
+class EnrichedPost(_EnrichedFields):
+    """One per valid input post (the enriched topic, key = post id): the default layout, one
+    object per label."""
+
+    model_config = ConfigDict(title="EnrichedPost")
+
+    emotions: list[EmotionScore] = Field(description="One entry per label of the model.")
+
+
+class CompactEnrichedPost(_EnrichedFields):
+    """The enriched event in the compact layout (``EMOWORKER_EVENT_LAYOUT=compact``, since 1.5):
+    the per-label scores as arrays, without the thresholds and predicted flags (the model's
+    thresholds are in its bundle; ``predicted_labels`` names the labels that passed)."""
+
+    model_config = ConfigDict(title="CompactEnrichedPost")
+
+    layout: Literal["compact"] = Field("compact", description="Marks the compact layout.")
+    scores: EmotionColumns
 
 
 class ReviewRequest(BaseModel):
@@ -476,6 +512,7 @@ class ModelRollout(BaseModel):
 EVENT_MODELS: dict[str, type[BaseModel]] = {
     "social_post": SocialPost,
     "enriched_post": EnrichedPost,
+    "enriched_post_compact": CompactEnrichedPost,
     "review_request": ReviewRequest,
     "dead_letter": DeadLetter,
     "review_verdict": ReviewVerdict,

@@ -73,6 +73,7 @@ class BatchProcessor:
             classifier.thresholds,
             self.model_info,
             settings.worker_id,
+            settings.event_layout,
         )
         self.max_chars = classifier.max_length * CHARS_PER_TOKEN_BOUND
 

@@ -437,6 +437,12 @@ class WorkerSettings(BaseSettings):
         '{"_dropped": {"size_bytes": ..., "limit_bytes": ...}}, so that an event always fits '
         "its topic.",
     )
+    event_layout: Literal["full", "compact"] = Field(
+        "full",
+        description="Layout of the enriched events: full (one object per label, with its "
+        "threshold and predicted flag) or compact (one array per statistic, 4 digits; about "
+        "half the bytes, see docs/events.md). Review requests keep the full layout.",
+    )
     dead_letter_payload_bytes: int = Field(
         65_536, ge=0, description="How much of a bad message is copied into its dead letter."
     )

@@ -13,7 +13,7 @@ from support.texts import EXAMPLE_TEXTS
 from worker.bench.run import BenchOptions, run_bench
 from worker.inference.engine import CPU_TOKENS_PER_FORWARD
 from worker.inference.precision import native_bf16
-from worker.inference.token_budget import CANDIDATES
+from worker.inference.token_budget import CANDIDATES, SEEDED_CPU_BUDGET
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -76,6 +76,11 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
     # the engine rows ran at the budget an unseeded engine measures (token_budget.py)
     assert by_name["full"]["tokens_per_forward"] in CANDIDATES
     assert by_name["emcoder_card"]["tokens_per_forward"] is None
+    # each row records what its engine ran at: one pass alone never measures (a fixed budget),
+    # and the same-seed row keeps the fp32 reference's arrangement
+    assert by_name["deterministic"]["tokens_per_forward"] == SEEDED_CPU_BUDGET
+    if "full_bf16_same_seed" in by_name:
+        assert by_name["full_bf16_same_seed"]["tokens_per_forward"] == full["tokens_per_forward"]
     assert 1.0 <= by_name["fast"]["mean_samples"] <= 4.0
     assert written["memory"]["peak_rss_mb"] > 0
     steady = written["memory"]["steady"]  # the default engine batch after batch, in a child

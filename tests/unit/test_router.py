@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from support.texts import EXAMPLE_TEXTS
 
 from schemas import (
+    CompactEnrichedPost,
     EmotionScore,
     EnrichedPost,
     ModelInfo,
@@ -24,7 +25,12 @@ from worker.inference.loading import Classifier
 from worker.inference.uncertainty import McSummary, summarise_samples
 from worker.processing import BatchProcessor
 from worker.routing.policy import ReviewPolicy, expected_risk
-from worker.routing.router import EmotionsEncoder, Router, predicted_label_lists
+from worker.routing.router import (
+    EmotionsEncoder,
+    Router,
+    ScoreColumnsEncoder,
+    predicted_label_lists,
+)
 from worker.settings import ReviewSettings, WorkerSettings
 
 TEXTS = [
@@ -195,6 +201,53 @@ def test_emotions_have_one_entry_per_label_in_label_order(
             assert e["uncertainty"] == pytest.approx(summary.std[i, j], abs=1e-6)
             assert e["threshold"] == pytest.approx(thresholds[j], abs=1e-4)
             assert e["flip_rate"] == pytest.approx(summary.flip_rate[i, j], abs=1e-4)
+
+
+def test_compact_layout_carries_the_same_values_in_under_half_the_bytes(
+    routed_run: Any, test_classifier: Classifier, test_model_dir: Path
+) -> None:
+    """``event_layout=compact``: the same batch, seed and thresholds as ``routed_run`` give
+    events equal to the full layout's but for the score columns, whose values are the full
+    layout's to 4 digits; review requests keep the full layout."""
+    posts, summary, thresholds, full = routed_run
+    settings = make_settings(test_model_dir)
+    settings.event_layout = "compact"
+    original = test_classifier.thresholds
+    test_classifier.thresholds = thresholds
+    try:
+        compact = BatchProcessor(test_classifier, settings).process(posts, make_sources(len(posts)))
+    finally:
+        test_classifier.thresholds = original
+
+    def without(event: dict[str, Any], *names: str) -> dict[str, Any]:
+        return {k: v for k, v in event.items() if k not in names}
+
+    names = test_classifier.label_names
+    reviewed = 0
+    for i, (f, c) in enumerate(zip(full, compact, strict=True)):
+        raw = c.enriched_event()
+        assert set(raw) == set(CompactEnrichedPost.model_fields)
+        event = CompactEnrichedPost.model_validate_json(c.enriched_bytes())
+        assert event.layout == "compact" and event.scores.labels == names
+        assert event.scores.uncertainty is not None and event.scores.flip_rate is not None
+        np.testing.assert_allclose(event.scores.probability, summary.mean[i], rtol=0, atol=5.01e-5)
+        np.testing.assert_allclose(event.scores.uncertainty, summary.std[i], rtol=0, atol=5.01e-5)
+        np.testing.assert_allclose(
+            event.scores.flip_rate, summary.flip_rate[i], rtol=0, atol=5.01e-5
+        )
+        assert without(raw, "layout", "scores", "processed_at") == without(
+            f.enriched_event(), "emotions", "processed_at"
+        )
+        assert len(c.enriched_bytes()) < 0.5 * len(f.enriched_bytes())
+        assert (c.review is None) == (f.review is None)
+        if c.review is not None:
+            reviewed += 1
+            request = c.review_event()
+            assert request is not None
+            ReviewRequest.model_validate(request)
+            timed = ("requested_at", "request_id")  # the id holds the time without a source
+            assert without(request, *timed) == without(f.review_event() or {}, *timed)
+    assert reviewed > 0, "some requests, built in the compact layout's routed-only pass"
 
 
 def test_predicted_labels_are_the_labels_at_or_above_threshold(
@@ -438,3 +491,40 @@ def test_emotions_json_matches_the_values_it_encodes() -> None:
         ]
         assert parsed == expected
     assert encoder.encode(mean[:0], std[:0], flips[:0], predicted[:0], sampled[:0]) == []
+
+
+def test_score_columns_json_matches_the_values_it_encodes() -> None:
+    """The compact layout's batch-wide JSON text parses to exactly the arrays: label names
+    escaped, 4 digits, null columns for deterministic posts, NaN as null; one post and one
+    label too (the text is cut at array boundaries)."""
+    names = ['say "hi"', "ünïcode", "plain"]
+    encoder = ScoreColumnsEncoder(names)
+    rng = np.random.default_rng(7)
+    mean = rng.random((5, 3)).astype(np.float32)
+    mean[3, 1] = np.nan
+    std, flips = rng.random((5, 3)) * 0.1, rng.random((5, 3)) * 0.3
+    sampled = np.array([True, False, True, True, False])
+    fragments = encoder.encode(mean, std, flips, sampled)
+    assert len(fragments) == 5
+
+    def rounded(row: np.ndarray) -> list[float | None]:
+        return [None if np.isnan(v) else round(float(v), 4) for v in row]
+
+    for i, fragment in enumerate(fragments):
+        parsed = orjson.loads(orjson.dumps({"scores": fragment}))["scores"]
+        assert parsed == {
+            "labels": names,
+            "probability": rounded(mean[i]),
+            "uncertainty": rounded(std[i]) if sampled[i] else None,
+            "flip_rate": rounded(flips[i]) if sampled[i] else None,
+        }
+    assert encoder.encode(mean[:0], std[:0], flips[:0], sampled[:0]) == []
+    one = ScoreColumnsEncoder(["joy"]).encode(
+        np.array([[0.5]]), np.array([[0.1]]), np.array([[0.0]]), np.array([True])
+    )
+    assert orjson.loads(orjson.dumps(one[0])) == {
+        "labels": ["joy"],
+        "probability": [0.5],
+        "uncertainty": [0.1],
+        "flip_rate": [0.0],
+    }

@@ -11,11 +11,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+from worker.routing.router import ScoreColumnsEncoder
 
 BATCH_BYTES = 256 * 1024  # the worker's producer max_batch_size (worker/kafka/clients.py)
 CODECS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
 ROUNDS = 3  # the build is timed this many times; the fastest counts
+DIGITS = ScoreColumnsEncoder.DIGITS
 
 
 def compression_table(events: list[bytes]) -> dict[str, dict[str, Any]]:
@@ -37,6 +41,27 @@ def compression_table(events: list[bytes]) -> dict[str, dict[str, Any]]:
         row["ratio"] = round(plain / row["bytes_per_event"], 2)
         row["build_us"] = round(row["build_us"] / len(events) * 1e6, 2)
     return table
+
+
+def compact_event(event: bytes) -> bytes:
+    """A full-layout enriched event in the compact layout (``event_layout=compact``), as the
+    worker would write it for the same post: the bench measures both layouts on the same real
+    events without running the pipeline twice."""
+    full = orjson.loads(event)
+    emotions = full.pop("emotions")
+    sampled = emotions[0]["uncertainty"] is not None
+
+    def column(name: str) -> list[float] | None:
+        return [round(e[name], DIGITS) for e in emotions] if sampled else None
+
+    scores = {
+        "labels": [e["label"] for e in emotions],
+        "probability": [round(e["probability"], DIGITS) for e in emotions],
+        "uncertainty": column("uncertainty"),
+        "flip_rate": column("flip_rate"),
+    }
+    head = {k: full.pop(k) for k in ("schema_version", "id", "post")}
+    return orjson.dumps(head | {"layout": "compact", "scores": scores} | full)
 
 
 def _batches(events: list[bytes], codec: int) -> list[bytearray]:

@@ -256,20 +256,15 @@ def run_inference_bench(
     full_config = _with(full_config, max_tokens_per_forward=profile.tokens_per_forward)
     fast_config = _with(fast_config, max_tokens_per_forward=profile.tokens_per_forward)
 
-    def on_timed_posts(config: EngineConfig) -> McSummary:
-        return engine_run(classifier, timed_tokens, config, batch=profile.engine_batch)
-
     budgets: dict[str, int] = {}  # per precision: the engine's tokens per pass, set below
 
-    def full(seed: int, precision: Precision = "fp32", budget_of: str = "") -> McSummary:
-        return on_timed_posts(
-            _with(
-                full_config,
-                seed=seed,
-                n_samples=n_samples,
-                precision=precision,
-                max_tokens_per_forward=budgets[budget_of or precision],
-            )
+    def full(seed: int, precision: Precision = "fp32", budget_of: str = "") -> EngineConfig:
+        return _with(
+            full_config,
+            seed=seed,
+            n_samples=n_samples,
+            precision=precision,
+            max_tokens_per_forward=budgets[budget_of or precision],
         )
 
     warm_tokens = tokens[: profile.warmup_posts]
@@ -339,29 +334,41 @@ def run_inference_bench(
     )
     log(f"  sorted_loop         {runs[-1].posts_per_s:7.2f} posts/s")
 
-    def engine_method(name: str, fn: Callable[[], McSummary]) -> None:
-        runs.append(timed(name, timed_tokens, fn))
+    ran_at: dict[str, int] = {}  # per engine row: the tokens per pass its engine ran with
+
+    def engine_method(name: str, config: EngineConfig) -> None:
+        engines: list[McDropoutEngine] = []
+
+        def run() -> McSummary:  # the engine's set-up is timed too, as in engine_run
+            engines.append(McDropoutEngine(classifier, config))
+            return predict_in_batches(engines[0], timed_tokens, profile.engine_batch)
+
+        runs.append(timed(name, timed_tokens, run))
+        ran_at[name] = engines[0].tokens_per_forward
         log(f"  {name:<20}{runs[-1].posts_per_s:8.2f} posts/s")
 
-    engine_method("full", lambda: full(11))
-    engine_method("full_vs_full", lambda: full(22))
+    engine_method("full", full(11))
+    engine_method("full_vs_full", full(22))
     fast = _with(fast_config, seed=33, n_samples=n_samples, precision="fp32")
-    engine_method("fast", lambda: on_timed_posts(fast))
+    engine_method("fast", fast)
     if with_int8:
-        engine_method("fast_int8", lambda: on_timed_posts(_with(fast, int8=True)))
+        engine_method("fast_int8", _with(fast, int8=True))
     if "bf16" in precisions:
-        engine_method("full_bf16", lambda: full(44, "bf16"))
+        engine_method("full_bf16", full(44, "bf16"))
         # the seed of the reference run: the same dropout masks, so only the precision differs
         # the same masks need the same arrangement: the reference's budget
-        engine_method("full_bf16_same_seed", lambda: full(11, "bf16", budget_of="fp32"))
-        fast_bf16 = _with(fast, seed=55, precision="bf16", max_tokens_per_forward=budgets["bf16"])
-        engine_method("fast_bf16", lambda: on_timed_posts(fast_bf16))
+        engine_method("full_bf16_same_seed", full(11, "bf16", budget_of="fp32"))
+        engine_method(
+            "fast_bf16",
+            _with(fast, seed=55, precision="bf16", max_tokens_per_forward=budgets["bf16"]),
+        )
     if "fp16" in precisions:
-        engine_method("full_fp16", lambda: full(66, "fp16"))
-        fast_fp16 = _with(fast, seed=77, precision="fp16", max_tokens_per_forward=budgets["fp16"])
-        engine_method("fast_fp16", lambda: on_timed_posts(fast_fp16))
-    det = EngineConfig(n_samples=1, mode="off", precision="fp32")
-    engine_method("deterministic", lambda: on_timed_posts(det))
+        engine_method("full_fp16", full(66, "fp16"))
+        engine_method(
+            "fast_fp16",
+            _with(fast, seed=77, precision="fp16", max_tokens_per_forward=budgets["fp16"]),
+        )
+    engine_method("deterministic", EngineConfig(n_samples=1, mode="off", precision="fp32"))
 
     reference = next(run.summary for run in runs if run.name == "full")
     loop_rate = max(run.posts_per_s for run in runs if run.name in BASELINES)
@@ -379,7 +386,7 @@ def run_inference_bench(
             "precision": run_precision,
             "useful_gflops": round(work, 1),
             "bound_fraction": round(work / bound, 3) if bound else None,
-            "tokens_per_forward": run_budget(run.name, run_precision, budgets),
+            "tokens_per_forward": ran_at.get(run.name),  # None for the card's loops
             "peak_rss_mb": round(run.peak_rss_mb, 1),
             "posts_timed": run.posts,
         }
@@ -395,15 +402,6 @@ def run_inference_bench(
         row["posts_compared"] = agreement_n
         rows.append(row)
     return rows
-
-
-def run_budget(name: str, precision: str, budgets: dict[str, int]) -> int | None:
-    """The tokens per pass an engine row ran with (None for the loops)."""
-    if not name.startswith(("full", "fast")):
-        return None
-    if name.endswith("_same_seed") or precision not in budgets:  # int8: the fp32 model's
-        return budgets["fp32"]
-    return budgets[precision]
 
 
 def _with(config: EngineConfig, **changes: Any) -> EngineConfig:
