@@ -445,10 +445,46 @@ def test_an_unseeded_cpu_engine_measures_its_budget_and_keeps_the_smallest_near_
     assert all(tokens <= budget or tokens <= 10 * 40 for budget, tokens, _ in passes)
     runs = len(budgets)
     assert engine(classifier, mode="full", n_samples=10).tokens_per_forward == 4096
-    assert len(budgets) == runs  # measured once per model and precision
+    assert len(budgets) == runs  # measured once per architecture and precision
     assert engine(classifier, mode="full", n_samples=10, seed=1).tokens_per_forward == 2048
     rates[4096] = 176.0  # within 3 % of the fastest (2048 at 180), but larger
     token_budget._CHOICES.clear()
     assert engine(classifier, mode="full", n_samples=10).tokens_per_forward == 2048
     explicit = engine(classifier, mode="full", n_samples=10, max_tokens_per_forward=300)
     assert explicit.tokens_per_forward == 300 and explicit.budget_choice is None
+
+
+def test_the_budget_is_measured_once_per_architecture_not_per_model_object(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model swap to other weights of the same architecture (a rollout of retrained adapters)
+    reuses the measurement; another precision or another architecture measures again."""
+    import copy
+
+    from worker.inference import token_budget
+
+    rates = {1024: 1.0, 2048: 2.0, 4096: 2.0}
+    monkeypatch.setattr(token_budget, "_rate", lambda tokens, seconds: rates[tokens])
+    calls: list[int] = []
+
+    def sample(budget: int) -> int:
+        calls.append(budget)
+        return budget
+
+    token_budget._CHOICES.clear()
+    released = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1))
+    retrained = copy.deepcopy(released)
+    with torch.no_grad():
+        retrained[0].weight.add_(1.0)
+    first = token_budget.measured_budget(released, "fp32", sample)
+    runs = len(calls)
+    assert first.tokens_per_forward == 2048  # the smallest within 3 % of the fastest
+    assert runs == len(token_budget.CANDIDATES) * (1 + token_budget.ROUNDS)  # warm-up + rounds
+    assert token_budget.measured_budget(retrained, "fp32", sample) is first
+    assert len(calls) == runs
+    token_budget.measured_budget(retrained, "bf16", sample)
+    assert len(calls) == 2 * runs
+    wider = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.1))
+    token_budget.measured_budget(wider, "fp32", sample)
+    assert len(calls) == 3 * runs
+    token_budget._CHOICES.clear()

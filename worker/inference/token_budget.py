@@ -13,6 +13,9 @@ best of ``ROUNDS`` interleaved runs counts: a busy moment only slows a run. (Tim
 passes instead was misleading: it missed the per-pass cost outside the model and picked 1,024
 in one run of three.)
 
+The choice is kept per architecture, precision and thread count, so a model swap to retrained
+weights of the same shape (a rollout of new adapters) reuses it instead of measuring again.
+
 A seeded engine does not measure (timings vary from run to run, and the pass arrangement decides
 which dropout mask each post gets): it uses ``SEEDED_CPU_BUDGET``, so the same seed gives the
 same samples in every process.
@@ -21,9 +24,9 @@ same samples in every process.
 from __future__ import annotations
 
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 import torch
@@ -46,9 +49,18 @@ class BudgetChoice:
     seconds: float  # what measuring took
 
 
-_CHOICES: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, int], BudgetChoice]] = (
-    weakref.WeakKeyDictionary()
-)
+# per architecture (``architecture``), precision and thread count: a model swap to another
+# release of the same architecture (new adapters on the same base) measures nothing
+_CHOICES: dict[tuple[Any, str, int], BudgetChoice] = {}
+
+
+def architecture(model: nn.Module) -> tuple[Any, ...]:
+    """What the speed of a pass depends on, not the weights: the module types and the
+    parameters' names, shapes and dtypes."""
+    return (
+        tuple(type(m).__qualname__ for m in model.modules()),
+        tuple((name, tuple(p.shape), p.dtype) for name, p in model.named_parameters()),
+    )
 
 
 def measured_budget(
@@ -57,14 +69,13 @@ def measured_budget(
     sample_with_budget: Callable[[int], int],
     candidates: tuple[int, ...] = CANDIDATES,
 ) -> BudgetChoice:
-    """The token budget for MC passes of ``model`` at ``precision`` (once per model, precision
-    and thread count in a process). ``sample_with_budget(budget)`` runs the engine's own
-    sampling of a small fixed batch with that budget and returns the tokens it sampled."""
-    key = (precision, torch.get_num_threads())
-    choices = _CHOICES.setdefault(model, {})
-    if key not in choices:
-        choices[key] = _measure(sample_with_budget, candidates)
-        choice = choices[key]
+    """The token budget for MC passes of ``model`` at ``precision`` (once per architecture,
+    precision and thread count in a process). ``sample_with_budget(budget)`` runs the engine's
+    own sampling of a small fixed batch with that budget and returns the tokens it sampled."""
+    key = (architecture(model), precision, torch.get_num_threads())
+    if key not in _CHOICES:
+        _CHOICES[key] = _measure(sample_with_budget, candidates)
+        choice = _CHOICES[key]
         log.info(
             "token budget measured",
             tokens_per_forward=choice.tokens_per_forward,
@@ -72,7 +83,7 @@ def measured_budget(
             precision=precision,
             seconds=round(choice.seconds, 2),
         )
-    return choices[key]
+    return _CHOICES[key]
 
 
 def _measure(sample_with_budget: Callable[[int], int], candidates: tuple[int, ...]) -> BudgetChoice:
