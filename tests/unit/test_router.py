@@ -440,20 +440,37 @@ def test_batch_predicted_sets_match_the_per_post_rule() -> None:
     assert predicted_label_lists(np.zeros((0, 3)), THRESHOLDS) == []
 
 
-def test_decide_all_matches_deciding_post_by_post() -> None:
-    """Skipping the ambiguous-label search for posts the batch check clears changes nothing."""
+@pytest.mark.parametrize(
+    "watch",
+    [
+        {},
+        {"watch_labels": ["anger"], "watch_min_probability": None},
+        {"watch_labels": ["anger", "joy"], "watch_min_probability": 0.45},
+        # below neutral's threshold (0.6): the probability clause alone fires, one-pass posts too
+        {"watch_labels": ["neutral"], "watch_min_probability": 0.3, "watch_band_sigmas": 0.5},
+    ],
+)
+def test_decide_all_matches_deciding_post_by_post(watch: dict[str, Any]) -> None:
+    """Deciding a batch at once (the ambiguous-label and watch-label checks for all posts in
+    numpy) changes nothing: float32 statistics, one-pass posts and fallback labels included."""
     rng = np.random.default_rng(5)
     samples = rng.beta(2, 3, size=(6, 200, 3))  # (S, B, L): wide spread, many ambiguous labels
     summary = summarise_samples(samples, THRESHOLDS)
+    summary.mean = summary.mean.astype(np.float32)
+    summary.std = summary.std.astype(np.float32)
+    summary.n_samples = np.where(np.arange(200) % 7 == 0, 1, summary.n_samples)
     predicted = predicted_label_lists(summary.mean, THRESHOLDS)
     scores = expected_risk(summary.mean, THRESHOLDS)
-    batch = hand_router(target_rate=0.2).policy.decide_all(summary, predicted, scores)
-    one_by_one_policy = hand_router(target_rate=0.2).policy
+    policy = hand_router(target_rate=0.2, **watch).policy
+    batch = policy.decide_all(summary, predicted, scores)
+    one_by_one_policy = hand_router(target_rate=0.2, **watch).policy
     one_by_one = [
         one_by_one_policy.decide(summary, i, predicted[i], float(scores[i])) for i in range(200)
     ]
     ambiguous = hand_router().policy.ambiguous_rows(summary)
     assert 0 < ambiguous.sum() < 200
+    watched = policy.watch_rows(summary, predicted)
+    assert (0 < sum(watched) < 200) if watch else not any(watched)
 
     def plain(d: Any) -> tuple[Any, ...]:
         return d.score, d.routed, d.priority, [r.model_dump() for r in d.reasons]

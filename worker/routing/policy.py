@@ -43,6 +43,7 @@ cut. Unknown keys are an error.
 
 from __future__ import annotations
 
+import itertools
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -408,6 +409,28 @@ class ReviewPolicy:
             )
         return reasons
 
+    def watch_rows(self, summary: McSummary, predicted: list[list[int]]) -> list[bool]:
+        """Per post, whether a watch-listed label fires (``_watch`` for a whole batch at once, in
+        the same arithmetic: the spread band in the statistics' own precision)."""
+        if not self.watch or not predicted:
+            return [False] * len(predicted)
+        c = self.config
+        watch = np.asarray(self.watch)
+        mean = np.asarray(summary.mean)[:, watch].astype(np.float64)
+        std = np.asarray(summary.std)[:, watch]
+        thresholds = self.thresholds[watch]
+        sampled = (np.asarray(summary.n_samples) > 1)[:, None]
+        fires = (
+            sampled & (std > 0) & (np.abs(mean - thresholds) < c.effective_watch_band_sigmas * std)
+        )
+        if c.watch_min_probability is not None:
+            fires |= mean >= c.watch_min_probability
+        chosen = np.zeros((len(predicted), len(self.label_names)), dtype=bool)
+        rows = np.repeat(np.arange(len(predicted)), [len(labels) for labels in predicted])
+        chosen[rows, list(itertools.chain.from_iterable(predicted))] = True
+        fires |= chosen[:, watch]
+        return np.asarray(fires.any(axis=1)).tolist()
+
     def ambiguous_rows(self, summary: McSummary) -> np.ndarray:
         """(B,) whether a post has a label within ``band_sigmas`` std of its threshold."""
         mean = np.asarray(summary.mean, dtype=np.float64)
@@ -470,14 +493,21 @@ class ReviewPolicy:
         return reasons
 
     def forced(
-        self, summary: McSummary, i: int, predicted: list[int], ambiguous: bool | None = None
+        self,
+        summary: McSummary,
+        i: int,
+        predicted: list[int],
+        ambiguous: bool | None = None,
+        watched: bool | None = None,
     ) -> bool:
         """Whether post ``i`` is routed whatever its score: a watch-listed label fires, or there
         is no budget and any rule fires. Decided without building the reasons (``rules``), which
-        only a routed post needs."""
+        only a routed post needs. ``watched`` (from ``watch_rows``) skips the watch search."""
         mean, std = summary.mean[i], summary.std[i]
         sampled = bool(summary.n_samples[i] > 1)
-        if self.watch and self._watch(mean, std, sampled, predicted):
+        if watched is None:
+            watched = bool(self.watch) and bool(self._watch(mean, std, sampled, predicted))
+        if watched:
             return True
         if self.budget.enabled:
             return False
@@ -497,6 +527,7 @@ class ReviewPolicy:
     ) -> list[ReviewDecision]:
         """``decide`` for every post of a batch, in order (the budget sees them in order)."""
         ambiguous = self.ambiguous_rows(summary).tolist() if len(predicted) else []
+        watched = self.watch_rows(summary, predicted)
         flagged = ood.flagged.tolist() if ood is not None else [False] * len(predicted)
         return [
             self.decide(
@@ -506,6 +537,7 @@ class ReviewPolicy:
                 float(scores[i]),
                 ambiguous=ambiguous[i],
                 ood=ood_reason(ood, i) if flagged[i] and ood is not None else None,
+                watched=watched[i],
             )
             for i, labels in enumerate(predicted)
         ]
@@ -537,13 +569,14 @@ class ReviewPolicy:
         score: float,
         ambiguous: bool | None = None,
         ood: ReviewReason | None = None,
+        watched: bool | None = None,
     ) -> ReviewDecision:
         """Route post ``i`` or not; a routed post carries every reason that applies to it.
         ``ood``: the post is flagged out of distribution, for this reason."""
         if ood is not None and self.ood_settings.action != "tag":
             return self._decide_ood(summary, i, predicted, score, ambiguous, ood)
         outcome = None if ood is None else "tag"
-        forced = self.forced(summary, i, predicted, ambiguous)
+        forced = self.forced(summary, i, predicted, ambiguous, watched)
         verdict: BudgetDecision = self.budget.decide(score, forced=forced)
         if not verdict.routed:
             return ReviewDecision(
