@@ -366,13 +366,21 @@ def test_kustomize_builds() -> None:
     )
     assert result.returncode == 0, result.stderr
     kinds = [d["kind"] for d in yaml.safe_load_all(result.stdout) if d]
-    for kind in ("Namespace", "ConfigMap", "Deployment", "PodDisruptionBudget", "ScaledObject"):
+    kinds_needed = ("Namespace", "ConfigMap", "Deployment", "StatefulSet", "PodDisruptionBudget")
+    for kind in (*kinds_needed, "ScaledObject"):
         assert kind in kinds
 
 
-@pytest.mark.parametrize("name", ["emoworker", "emoworker-gpu"])
-def test_deployment_probes_resources_and_security(name: str) -> None:
-    deployment = k8s_object("Deployment", name)
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        ("Deployment", "emoworker"),
+        ("Deployment", "emoworker-gpu"),
+        ("StatefulSet", "emoworker-resolver"),
+    ],
+)
+def test_deployment_probes_resources_and_security(kind: str, name: str) -> None:
+    deployment = k8s_object(kind, name)
     pod = deployment["spec"]["template"]["spec"]
     container = only_container(deployment)
 
@@ -431,6 +439,30 @@ def test_deployment_selectors_do_not_overlap() -> None:
     cpu_labels = k8s_object("Deployment", "emoworker")["spec"]["template"]["metadata"]
     assert not cpu.items() <= gpu_labels["labels"].items(), "CPU selector matches GPU pods"
     assert not gpu.items() <= cpu_labels["labels"].items(), "GPU selector matches CPU pods"
+
+
+def test_resolver_replicas_keep_their_transactional_ids() -> None:
+    """The resolver runs ``resolve`` as a StatefulSet whose pod name (stable across restarts) is
+    its transactional id; no worker selector (PDB, Deployments, KEDA) picks its pods."""
+    resolver = k8s_object("StatefulSet", "emoworker-resolver")
+    container = only_container(resolver)
+    assert container["args"] == ["resolve"]
+    env = {e["name"]: e for e in container["env"]}
+    pod_name = {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["EMOWORKER_RESOLVER__TRANSACTIONAL_ID"]["valueFrom"] == pod_name
+    service = k8s_object("Service", resolver["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None", "a StatefulSet's governing Service is headless"
+    labels = resolver["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert resolver["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (pdb,) = k8s_objects("PodDisruptionBudget")
+    selectors = [pdb["spec"]["selector"]["matchLabels"]] + [
+        d["spec"]["selector"]["matchLabels"] for d in k8s_objects("Deployment")
+    ]
+    for selector in selectors:
+        assert not selector.items() <= labels.items(), "a worker selector matches the resolver"
+    (scaled,) = k8s_objects("ScaledObject")
+    assert scaled["spec"]["scaleTargetRef"]["name"] != resolver["metadata"]["name"]
 
 
 def test_pod_disruption_budget_covers_the_workers() -> None:
