@@ -125,13 +125,13 @@ def imported_modules(path: Path) -> set[str]:
 
 
 def runtime_modules() -> list[Path]:
-    """Every module under worker/ but the tooling packages and cli.py (whose tooling commands
+    """Every module under worker/ but the tooling packages and cli/ (whose tooling commands
     import it lazily, after checking the extra)."""
     tooling_dirs = [WORKER / name.split(".")[1] for name in TOOLING]
     return [
         path
         for path in sorted(WORKER.rglob("*.py"))
-        if path != WORKER / "cli.py" and not any(d in path.parents for d in tooling_dirs)
+        if WORKER / "cli" not in path.parents and not any(d in path.parents for d in tooling_dirs)
     ]
 
 
