@@ -479,6 +479,37 @@ def test_decide_all_matches_deciding_post_by_post(watch: dict[str, Any]) -> None
     assert sum(d.routed for d in batch) > 0
 
 
+@pytest.mark.parametrize("rule", ["watch", "ambiguous"])
+def test_float32_statistics_at_a_band_edge_decide_as_post_by_post(rule: str) -> None:
+    """A label whose distance to its threshold is just under the band in float64 but not in
+    float32 (a threshold float32 cannot hold, 0.4): the batch checks and the per-post rules use
+    the same float64 arithmetic, so the post is routed exactly when a reason says why."""
+    # anger (threshold 0.4): the watch band 2 x 1 std, or the ambiguity band 1.5 std
+    anger = (0.23361136, 0.08319432) if rule == "watch" else (0.15321797, 0.16452135)
+    mean = np.array([[0.45, anger[0], 0.05]], dtype=np.float32)  # joy: the top label
+    std = np.array([[0.001, anger[1], 0.001]], dtype=np.float32)
+    summary = McSummary(
+        mean=mean,
+        std=std,
+        n_samples=np.array([30]),
+        predictive_entropy=np.zeros(1),
+        expected_entropy=np.zeros(1),
+        mutual_information=np.zeros(1),
+        flip_rate=np.zeros((1, 3)),
+    )
+    review = (
+        {"watch_labels": ["anger"], "watch_min_probability": None}
+        if rule == "watch"
+        else {"band_sigmas": 1.5}
+    )
+    predicted = predicted_label_lists(summary.mean, THRESHOLDS)
+    scores = np.zeros(1)
+    batch = hand_router(**review).policy.decide_all(summary, predicted, scores)
+    single = hand_router(**review).policy.decide(summary, 0, predicted[0], 0.0)
+    assert (batch[0].routed, batch[0].reasons) == (single.routed, single.reasons)
+    assert batch[0].routed == bool(batch[0].reasons), "routed iff a reason says why"
+
+
 def test_emotions_json_matches_the_values_it_encodes() -> None:
     """The batch-wide JSON text of ``emotions`` parses to exactly the per-label objects: label
     names escaped, rounding, null statistics for deterministic posts, NaN as null, float32."""

@@ -381,7 +381,8 @@ class ReviewPolicy:
         band = c.effective_watch_band_sigmas
         reasons = []
         for j in self.watch:
-            name, m, t, s = self.label_names[j], float(mean[j]), float(self.thresholds[j]), std[j]
+            name, m, t = self.label_names[j], float(mean[j]), float(self.thresholds[j])
+            s = float(std[j])
             cut: float | None
             if j in predicted:
                 cut = t
@@ -411,13 +412,13 @@ class ReviewPolicy:
 
     def watch_rows(self, summary: McSummary, predicted: list[list[int]]) -> list[bool]:
         """Per post, whether a watch-listed label fires (``_watch`` for a whole batch at once, in
-        the same arithmetic: the spread band in the statistics' own precision)."""
+        the same float64 arithmetic: ``_statistics``)."""
         if not self.watch or not predicted:
             return [False] * len(predicted)
         c = self.config
         watch = np.asarray(self.watch)
         mean = np.asarray(summary.mean)[:, watch].astype(np.float64)
-        std = np.asarray(summary.std)[:, watch]
+        std = np.asarray(summary.std)[:, watch].astype(np.float64)
         thresholds = self.thresholds[watch]
         sampled = (np.asarray(summary.n_samples) > 1)[:, None]
         fires = (
@@ -460,7 +461,7 @@ class ReviewPolicy:
         """The reasons that apply to post ``i`` (the budget's own reason excepted).
         ``ambiguous=False`` (from ``ambiguous_rows``) skips the search for ambiguous labels."""
         c = self.config
-        mean, std = summary.mean[i], summary.std[i]
+        mean, std = _statistics(summary, i)
         sampled = bool(summary.n_samples[i] > 1)
         reasons: list[ReviewReason] = []
         if sampled:
@@ -503,7 +504,7 @@ class ReviewPolicy:
         """Whether post ``i`` is routed whatever its score: a watch-listed label fires, or there
         is no budget and any rule fires. Decided without building the reasons (``rules``), which
         only a routed post needs. ``watched`` (from ``watch_rows``) skips the watch search."""
-        mean, std = summary.mean[i], summary.std[i]
+        mean, std = _statistics(summary, i)
         sampled = bool(summary.n_samples[i] > 1)
         if watched is None:
             watched = bool(self.watch) and bool(self._watch(mean, std, sampled, predicted))
@@ -613,6 +614,16 @@ class ReviewPolicy:
             priority=100 if watched else verdict.priority,
             ood=outcome,
         )
+
+
+def _statistics(summary: McSummary, i: int) -> tuple[np.ndarray, np.ndarray]:
+    """Post ``i``'s means and standard deviations in float64, as the batch checks
+    (``ambiguous_rows``, ``watch_rows``) compute them: a float32 band would decide a label at
+    the band's edge differently from the batch and route a post with no reason."""
+    return (
+        np.asarray(summary.mean[i], dtype=np.float64),
+        np.asarray(summary.std[i], dtype=np.float64),
+    )
 
 
 def ood_reason(batch: OodBatch, i: int) -> ReviewReason:
