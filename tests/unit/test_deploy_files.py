@@ -443,13 +443,17 @@ def test_deployment_selectors_do_not_overlap() -> None:
 
 def test_resolver_replicas_keep_their_transactional_ids() -> None:
     """The resolver runs ``resolve`` as a StatefulSet whose pod name (stable across restarts) is
-    its transactional id; no worker selector (PDB, Deployments, KEDA) picks its pods."""
+    its worker id, so its transactional id is the default <resolver group>-<pod name>: stable per
+    replica and distinct between installations with their own group ids; no worker selector
+    (PDB, Deployments, KEDA) picks its pods."""
     resolver = k8s_object("StatefulSet", "emoworker-resolver")
     container = only_container(resolver)
     assert container["args"] == ["resolve"]
     env = {e["name"]: e for e in container["env"]}
     pod_name = {"fieldRef": {"fieldPath": "metadata.name"}}
-    assert env["EMOWORKER_RESOLVER__TRANSACTIONAL_ID"]["valueFrom"] == pod_name
+    assert env["EMOWORKER_WORKER_ID"]["valueFrom"] == pod_name
+    assert "EMOWORKER_RESOLVER__TRANSACTIONAL_ID" not in env
+    assert "EMOWORKER_RESOLVER__TRANSACTIONAL_ID" not in configmap_data()
     service = k8s_object("Service", resolver["spec"]["serviceName"])
     assert service["spec"]["clusterIP"] == "None", "a StatefulSet's governing Service is headless"
     labels = resolver["spec"]["template"]["metadata"]["labels"]

@@ -148,3 +148,15 @@ def test_no_import_runs_upward() -> None:
         for path in modules
     }
     assert {path: names for path, names in upward.items() if names} == {}
+
+
+def test_the_resolver_runs_without_the_inference_stack() -> None:
+    """``emoworker resolve`` loads no model: importing its service, the command line included,
+    leaves torch and transformers out of the process (its pods are sized without them)."""
+    code = (
+        "import worker.cli, worker.resolve.service\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    result = blocked_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

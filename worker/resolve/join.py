@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -33,7 +32,8 @@ from pydantic import ValidationError
 from schemas import DeadLetterKind, ReviewVerdict
 from worker.decoding import payload_for_dead_letter
 from worker.kafka.topic_limits import TopicLimits
-from worker.routing.router import request_id as make_request_id
+from worker.routing.request_ids import now_rfc3339
+from worker.routing.request_ids import request_id as make_request_id
 
 Sink = Literal["final", "dead_letter", "state"]
 
@@ -75,10 +75,6 @@ class Outcome:
 def verdict_digest(verdict: dict[str, Any]) -> str:
     """Identifies a verdict's content (the same verdict sent twice has the same digest)."""
     return hashlib.sha256(orjson.dumps(verdict, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class ResolveState:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from schemas import SCHEMA_VERSION, SocialPost
 from worker.inference.uncertainty import McSummary
 from worker.ood.scorer import OodBatch
 from worker.routing.policy import ReviewDecision, ReviewPolicy, predicted_mask
+from worker.routing.request_ids import now_rfc3339, request_id
 
 
 @dataclass
@@ -170,20 +170,6 @@ class ScoreColumnsEncoder:
 
 
 _POSTS_AS_JSON = TypeAdapter(list[SocialPost])  # a batch's posts as JSON-ready dicts
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def request_id(post_id: str, source: dict[str, Any] | None, requested_at: str) -> str:
-    """A review request's id: its input record's coordinates, so that a post processed again
-    after a failure asks for the same review; without a source, the post id and the time."""
-    if source is not None and "offset" in source:
-        return f"{source['topic']}:{source['partition']}:{source['offset']}"
-    if source is not None and "line" in source:
-        return f"{source['path']}:{source['line']}"
-    return f"{post_id}@{requested_at}"
 
 
 def predicted_label_lists(mean: np.ndarray, thresholds: np.ndarray) -> list[list[int]]:
