@@ -291,7 +291,7 @@ class CompactEnrichedPost(_EnrichedFields):
 
     model_config = ConfigDict(title="CompactEnrichedPost")
 
-    layout: Literal["compact"] = Field("compact", description="Marks the compact layout.")
+    layout: Literal["compact"] = Field(description="Marks the compact layout.")
     scores: EmotionColumns
 
 

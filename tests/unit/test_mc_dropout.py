@@ -434,7 +434,7 @@ def test_an_unseeded_cpu_engine_measures_its_budget_and_keeps_the_smallest_near_
     monkeypatch.setattr(classifier.adapter, "probabilities", recording_pass)
     # each run measures its candidate's rate (the clock is not what is under test)
     monkeypatch.setattr(token_budget, "_rate", lambda tokens, seconds: rates[budgets[-1]])
-    token_budget._CHOICES.clear()
+    monkeypatch.setattr(token_budget, "_CHOICES", {})  # restored after the test
     state = torch.get_rng_state()
     first = engine(classifier, mode="full", n_samples=10)
     assert first.tokens_per_forward == 4096
@@ -471,7 +471,7 @@ def test_the_budget_is_measured_once_per_architecture_not_per_model_object(
         calls.append(budget)
         return budget
 
-    token_budget._CHOICES.clear()
+    monkeypatch.setattr(token_budget, "_CHOICES", {})  # this test's choices stay in it
     released = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.1))
     retrained = copy.deepcopy(released)
     with torch.no_grad():
@@ -487,4 +487,8 @@ def test_the_budget_is_measured_once_per_architecture_not_per_model_object(
     wider = nn.Sequential(nn.Linear(4, 16), nn.Dropout(0.1))
     token_budget.measured_budget(wider, "fp32", sample)
     assert len(calls) == 3 * runs
-    token_budget._CHOICES.clear()
+    other_rate = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.2))  # no parameter differs
+    token_budget.measured_budget(other_rate, "fp32", sample)
+    assert len(calls) == 4 * runs
+    token_budget.measured_budget(retrained, "fp32", sample, arrangement=(10, 0))
+    assert len(calls) == 5 * runs  # other samples per post shape the calibration runs

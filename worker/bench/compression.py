@@ -49,7 +49,7 @@ def compact_event(event: bytes) -> bytes:
     events without running the pipeline twice."""
     full = orjson.loads(event)
     emotions = full.pop("emotions")
-    sampled = emotions[0]["uncertainty"] is not None
+    sampled = any(e["uncertainty"] is not None for e in emotions)  # null for all: one pass
 
     def column(name: str) -> list[float] | None:
         return [round(e[name], DIGITS) for e in emotions] if sampled else None

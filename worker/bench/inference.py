@@ -333,8 +333,8 @@ def run_inference_bench(
         )
     )
     log(f"  sorted_loop         {runs[-1].posts_per_s:7.2f} posts/s")
-
-    ran_at: dict[str, int] = {}  # per engine row: the tokens per pass its engine ran with
+    # per engine row: the tokens per pass its engine ran with
+    ran_at: dict[str, int] = {"sorted_loop": sorted_loop.max_tokens_per_forward}
 
     def engine_method(name: str, config: EngineConfig) -> None:
         engines: list[McDropoutEngine] = []

@@ -49,6 +49,12 @@ from worker.settings import ModelSettings
 OVERHEAD_ROUNDS = 3  # pipeline and raw inference pairs behind the overhead's median
 
 
+def median_round(values: list[float]) -> int:
+    """The index of the median of ``values`` (an odd count; the lower middle of an even one)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    return order[(len(values) - 1) // 2]
+
+
 @dataclass
 class BenchOptions:
     model: str = "default"
@@ -276,12 +282,15 @@ async def streaming_benches(
             "rounds": rounds,
             "raw_inference_posts_per_s": sum(raw_runs) / len(raw_runs),
             "raw_inference_runs": raw_runs,
-            "pipeline_posts_per_s": statistics.median(rates[False]),
-            "overhead": statistics.median(overheads[False]),  # the median round
+            # the round of the median overhead, its rate with it
+            "pipeline_posts_per_s": rates[False][median_round(overheads[False])],
+            "overhead": statistics.median(overheads[False]),
             "overhead_runs": overheads[False],
-            "exactly_once_posts_per_s": statistics.median(rates[True]),
+            "pipeline_runs_posts_per_s": rates[False],
+            "exactly_once_posts_per_s": rates[True][median_round(overheads[True])],
             "exactly_once_overhead": statistics.median(overheads[True]),
             "exactly_once_overhead_runs": overheads[True],
+            "exactly_once_runs_posts_per_s": rates[True],
         }
         log(
             f"pipeline overhead, median of {rounds}: {100 * out['pipeline']['overhead']:.1f}% "

@@ -186,6 +186,7 @@ class McDropoutEngine:
             self.sampling_model,
             self.precision,
             lambda budget: self._sample_calibration_batch(token_ids, budget),
+            arrangement=(self.config.n_samples, self.config.samples_per_forward),
         )
         return self.budget_choice.tokens_per_forward
 

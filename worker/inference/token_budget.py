@@ -49,17 +49,21 @@ class BudgetChoice:
     seconds: float  # what measuring took
 
 
-# per architecture (``architecture``), precision and thread count: a model swap to another
-# release of the same architecture (new adapters on the same base) measures nothing
-_CHOICES: dict[tuple[Any, str, int], BudgetChoice] = {}
+# per architecture (``architecture``), precision, thread count and sampling arrangement: a model
+# swap to another release of the same architecture (new adapters on the same base) measures
+# nothing
+_CHOICES: dict[tuple[Any, ...], BudgetChoice] = {}
 
 
 def architecture(model: nn.Module) -> tuple[Any, ...]:
-    """What the speed of a pass depends on, not the weights: the module types and the
-    parameters' names, shapes and dtypes."""
+    """What the speed of a pass depends on, not the weights: each module's type and its own
+    description (sizes, dropout rates, the dtype of quantised layers, whose weights are not
+    parameters), the parameters' names, shapes and dtypes, and the attention implementation."""
+    config = getattr(model, "config", None)
     return (
-        tuple(type(m).__qualname__ for m in model.modules()),
+        tuple((type(m).__module__, type(m).__qualname__, m.extra_repr()) for m in model.modules()),
         tuple((name, tuple(p.shape), p.dtype) for name, p in model.named_parameters()),
+        getattr(config, "_attn_implementation", None),
     )
 
 
@@ -68,11 +72,13 @@ def measured_budget(
     precision: str,
     sample_with_budget: Callable[[int], int],
     candidates: tuple[int, ...] = CANDIDATES,
+    arrangement: tuple[Any, ...] = (),
 ) -> BudgetChoice:
     """The token budget for MC passes of ``model`` at ``precision`` (once per architecture,
-    precision and thread count in a process). ``sample_with_budget(budget)`` runs the engine's
-    own sampling of a small fixed batch with that budget and returns the tokens it sampled."""
-    key = (architecture(model), precision, torch.get_num_threads())
+    precision, thread count and ``arrangement`` in a process: what else shapes the sampling,
+    e.g. the samples per post). ``sample_with_budget(budget)`` runs the engine's own sampling of
+    a small fixed batch with that budget and returns the tokens it sampled."""
+    key = (architecture(model), precision, torch.get_num_threads(), arrangement)
     if key not in _CHOICES:
         _CHOICES[key] = _measure(sample_with_budget, candidates)
         choice = _CHOICES[key]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import orjson
@@ -28,8 +28,9 @@ from worker.routing.request_ids import now_rfc3339, request_id
 
 @dataclass
 class RoutedPost:
-    """One post's events, ready for orjson: their ``emotions`` are JSON text already (an
-    ``orjson.Fragment``); ``enriched_event()`` / ``review_event()`` give them as plain data."""
+    """One post's events, ready for orjson: their ``emotions`` (or, in the compact layout, the
+    enriched event's ``scores``) are JSON text already (an ``orjson.Fragment``);
+    ``enriched_event()`` / ``review_event()`` give them as plain data."""
 
     post_id: str
     enriched: dict[str, Any]
@@ -243,7 +244,7 @@ class Router:
         thresholds: np.ndarray,
         model_info: dict[str, Any],
         worker_id: str,
-        layout: str = "full",
+        layout: Literal["full", "compact"] = "full",
     ) -> None:
         self.policy = policy
         self.label_names = label_names
