@@ -132,17 +132,30 @@ async def follow_rollouts(
     apply: Callable[[BundleRelease], Awaitable[None]],
     poll_s: float = 1.0,
     retry_s: float = 10.0,
+    max_retry_s: float = 30.0,
 ) -> None:
     """Call ``apply`` with each release announced from ``start_offset`` on, until cancelled. A
-    control topic that does not exist yet, or a cluster that cannot be reached, is tried again
-    every ``retry_s``."""
+    control topic that does not exist yet (no release was ever announced: most deployments), or
+    a cluster that cannot be reached, is tried again after ``retry_s``, then after twice as long
+    each time up to ``max_retry_s``: each try is a new connection (a TLS and SASL handshake on a
+    secured cluster), so a worker that never gets a release makes two a minute, not six; the first
+    release still reaches it within 30 s."""
     position = [start_offset]
+    tries = 0  # tries in a row that never reached the topic
     while True:
+        reached = [False]
         try:
-            await _follow(kafka, topic, position, apply, poll_s)
+            await _follow(kafka, topic, position, apply, poll_s, reached)
         except Exception as exc:
             log.warning("following the control topic failed", error=f"{type(exc).__name__}: {exc}")
-        await asyncio.sleep(retry_s)
+        tries = 0 if reached[0] else tries + 1
+        await asyncio.sleep(retry_delay(tries, retry_s, max_retry_s))
+
+
+def retry_delay(tries: int, first_s: float, most_s: float) -> float:
+    """The wait after ``tries`` tries in a row that did not reach the topic (0: it was reached,
+    then lost): ``first_s``, doubling from the second try on, at most ``most_s``."""
+    return min(first_s * 2 ** max(tries - 1, 0), most_s)
 
 
 async def _follow(
@@ -151,13 +164,17 @@ async def _follow(
     position: list[int],
     apply: Callable[[BundleRelease], Awaitable[None]],
     poll_s: float,
+    reached: list[bool],
 ) -> None:
+    """Follow ``topic`` until an error (``reached[0]`` set once its reader started); returns at
+    once when it does not exist."""
     if not (await partition_counts(kafka, [topic]))[topic]:
         return
     reader = AIOKafkaConsumer(
         **connection_kwargs(kafka), enable_auto_commit=False, isolation_level="read_committed"
     )
     await reader.start()
+    reached[0] = True
     try:
         tp = TopicPartition(topic, 0)
         reader.assign([tp])
