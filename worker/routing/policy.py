@@ -374,27 +374,52 @@ class ReviewPolicy:
             for j in closest[:MAX_LABEL_REASONS]
         ]
 
+    def _watch_clauses(
+        self, mean: np.ndarray, std: np.ndarray, sampled: np.ndarray, chosen: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The watch rule, once for the batch check and the per-post reasons: for (B, W) float64
+        means and stds of the watch-listed labels, (B, 1) ``sampled`` and (B, W) ``chosen`` (the
+        label is predicted), the (B, W) masks of its three clauses in the order they are named:
+        predicted, within ``watch_band_sigmas`` std of the threshold, reaching
+        ``watch_min_probability``."""
+        c = self.config
+        distance = np.abs(mean - self.thresholds[self.watch])
+        band = sampled & (std > 0) & (distance < c.effective_watch_band_sigmas * std)
+        if c.watch_min_probability is None:
+            probable = np.zeros_like(band)
+        else:
+            probable = mean >= c.watch_min_probability
+        return chosen, band, probable
+
     def _watch(
         self, mean: np.ndarray, std: np.ndarray, sampled: bool, predicted: list[int]
     ) -> list[ReviewReason]:
+        if not self.watch:
+            return []
         c = self.config
         band = c.effective_watch_band_sigmas
+        clauses = self._watch_clauses(
+            mean[self.watch][None],
+            std[self.watch][None],
+            np.array([[sampled]]),
+            np.array([[j in predicted for j in self.watch]]),
+        )
         reasons = []
-        for j in self.watch:
+        for k, j in enumerate(self.watch):
             name, m, t = self.label_names[j], float(mean[j]), float(self.thresholds[j])
             s = float(std[j])
             cut: float | None
-            if j in predicted:
+            if clauses[0][0, k]:
                 cut = t
                 how = (
                     f"is predicted (mean {m:.3f} >= threshold {t:.3f})"
                     if m >= t
                     else f"is the top label (mean {m:.3f}, threshold {t:.3f})"
                 )
-            elif sampled and s > 0 and abs(m - t) < band * s:
+            elif clauses[1][0, k]:
                 cut = t
                 how = f"at {m:.3f} is within {band:g} std ({s:.3f}) of its threshold {t:.3f}"
-            elif c.watch_min_probability is not None and m >= c.watch_min_probability:
+            elif c.watch_min_probability is not None and clauses[2][0, k]:
                 cut = c.watch_min_probability
                 how = f"at {m:.3f} reaches {c.watch_min_probability:g}"
             else:
@@ -411,26 +436,21 @@ class ReviewPolicy:
         return reasons
 
     def watch_rows(self, summary: McSummary, predicted: list[list[int]]) -> list[bool]:
-        """Per post, whether a watch-listed label fires (``_watch`` for a whole batch at once, in
-        the same float64 arithmetic: ``_statistics``)."""
+        """Per post, whether a watch-listed label fires: ``_watch_clauses`` for the whole batch,
+        on the float64 statistics ``_watch`` gets (``_statistics``)."""
         if not self.watch or not predicted:
             return [False] * len(predicted)
-        c = self.config
-        watch = np.asarray(self.watch)
-        mean = np.asarray(summary.mean)[:, watch].astype(np.float64)
-        std = np.asarray(summary.std)[:, watch].astype(np.float64)
-        thresholds = self.thresholds[watch]
-        sampled = (np.asarray(summary.n_samples) > 1)[:, None]
-        fires = (
-            sampled & (std > 0) & (np.abs(mean - thresholds) < c.effective_watch_band_sigmas * std)
-        )
-        if c.watch_min_probability is not None:
-            fires |= mean >= c.watch_min_probability
+        watch = self.watch
         chosen = np.zeros((len(predicted), len(self.label_names)), dtype=bool)
         rows = np.repeat(np.arange(len(predicted)), [len(labels) for labels in predicted])
         chosen[rows, list(itertools.chain.from_iterable(predicted))] = True
-        fires |= chosen[:, watch]
-        return np.asarray(fires.any(axis=1)).tolist()
+        clauses = self._watch_clauses(
+            np.asarray(summary.mean)[:, watch].astype(np.float64),
+            np.asarray(summary.std)[:, watch].astype(np.float64),
+            (np.asarray(summary.n_samples) > 1)[:, None],
+            chosen[:, watch],
+        )
+        return np.asarray(np.logical_or.reduce(clauses).any(axis=1)).tolist()
 
     def ambiguous_rows(self, summary: McSummary) -> np.ndarray:
         """(B,) whether a post has a label within ``band_sigmas`` std of its threshold."""
