@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import orjson
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 
@@ -19,7 +20,6 @@ from worker.routing.router import ScoreColumnsEncoder
 BATCH_BYTES = 256 * 1024  # the worker's producer max_batch_size (worker/kafka/clients.py)
 CODECS = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
 ROUNDS = 3  # the build is timed this many times; the fastest counts
-DIGITS = ScoreColumnsEncoder.DIGITS
 
 
 def compression_table(events: list[bytes]) -> dict[str, dict[str, Any]]:
@@ -45,21 +45,18 @@ def compression_table(events: list[bytes]) -> dict[str, dict[str, Any]]:
 
 def compact_event(event: bytes) -> bytes:
     """A full-layout enriched event in the compact layout (``event_layout=compact``), as the
-    worker would write it for the same post: the bench measures both layouts on the same real
-    events without running the pipeline twice."""
+    worker would write it for the same post (its columns by the router's own encoder): the bench
+    measures both layouts on the same real events without running the pipeline twice."""
     full = orjson.loads(event)
     emotions = full.pop("emotions")
     sampled = any(e["uncertainty"] is not None for e in emotions)  # null for all: one pass
 
-    def column(name: str) -> list[float] | None:
-        return [round(e[name], DIGITS) for e in emotions] if sampled else None
+    def column(name: str) -> np.ndarray:  # (1, L); null (NaN, or no spread) back to NaN
+        return np.array([[np.nan if e[name] is None else e[name] for e in emotions]])
 
-    scores = {
-        "labels": [e["label"] for e in emotions],
-        "probability": [round(e["probability"], DIGITS) for e in emotions],
-        "uncertainty": column("uncertainty"),
-        "flip_rate": column("flip_rate"),
-    }
+    (scores,) = ScoreColumnsEncoder([e["label"] for e in emotions]).encode(
+        column("probability"), column("uncertainty"), column("flip_rate"), np.array([sampled])
+    )
     head = {k: full.pop(k) for k in ("schema_version", "id", "post")}
     return orjson.dumps(head | {"layout": "compact", "scores": scores} | full)
 
