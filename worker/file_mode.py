@@ -2,8 +2,8 @@
 
 Each input line is one message. Valid posts become enriched events (in input order), routed posts
 also review requests, posts flagged out of distribution under ``ood.action=topic`` also
-"unsupported" events, and bad lines dead letters carrying their line number. A bad line never
-stops the run.
+"unsupported" events, and bad lines dead letters carrying their line number, as do posts that fail
+inference alone (``isolation.py``, as in the Kafka worker). A bad line never stops the run.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import orjson
 
 from schemas import SocialPost
 from worker.decoding import DecodeFailure, DecodeLimits, decode_post
+from worker.isolation import FailureIsolation
 from worker.processing import BatchProcessor, BatchTiming, dead_letter_event
 
 
@@ -49,15 +50,41 @@ def classify_stream(
     on_progress: Callable[[int], Any] | None = None,
 ) -> FileRunStats:
     stats = FileRunStats()
-    pending: list[tuple[int, SocialPost]] = []
+    pending: list[tuple[int, SocialPost, bytes]] = []
+    isolation = FailureIsolation(processor)
+    batches = 0
+
+    def dead_letter(failure: DecodeFailure, raw: bytes, number: int) -> None:
+        letter = dead_letter_event(
+            failure,
+            raw,
+            {"path": source_name, "line": number},
+            None,
+            processor.settings.worker_id,
+            processor.settings.dead_letter_payload_bytes,
+        )
+        write_dead_letter(orjson.dumps(letter) + b"\n")
+        stats.dead_lettered += 1
+        stats.dead_letter_kinds[failure.kind] = stats.dead_letter_kinds.get(failure.kind, 0) + 1
 
     def flush() -> None:
+        nonlocal batches
         if not pending:
             return
+        batches += 1
         sources: list[dict[str, Any] | None] = [
-            {"path": source_name, "line": n} for n, _ in pending
+            {"path": source_name, "line": n} for n, _, _ in pending
         ]
-        routed = processor.process([p for _, p in pending], sources, timing=stats.timing)
+        # a post that fails inference alone is dead-lettered; the rest of its batch goes on
+        results = isolation.process(
+            batches, [p for _, p, _ in pending], sources, timing=stats.timing
+        )
+        routed = []
+        for (number, _, raw), result in zip(pending, results, strict=True):
+            if isinstance(result, str):
+                dead_letter(DecodeFailure("processing_error", result), raw, number)
+            else:
+                routed.append(result)
         for r in routed:
             enriched = r.enriched_bytes() + b"\n"
             write_enriched(enriched)
@@ -82,21 +109,11 @@ def classify_stream(
         stats.lines += 1
         decoded = decode_post(raw, limits)
         if isinstance(decoded, DecodeFailure):
-            letter = dead_letter_event(
-                decoded,
-                raw,
-                {"path": source_name, "line": number},
-                None,
-                processor.settings.worker_id,
-                processor.settings.dead_letter_payload_bytes,
-            )
-            write_dead_letter(orjson.dumps(letter) + b"\n")
-            stats.dead_lettered += 1
-            stats.dead_letter_kinds[decoded.kind] = stats.dead_letter_kinds.get(decoded.kind, 0) + 1
+            dead_letter(decoded, raw, number)
             if on_progress is not None:
                 on_progress(1)
             continue
-        pending.append((number, decoded))
+        pending.append((number, decoded, raw))
         if len(pending) >= batch_size:
             flush()
     flush()

@@ -1,8 +1,8 @@
 """The loaded model, and inference of a batch that never fails for one post: when the batch
-fails (a post the tokeniser or model cannot handle), each post is retried alone and a post that
-still fails becomes a ``processing_error`` dead letter. When every post fails for
-``SYSTEMIC_FAILURES`` posts in a row, the model itself is broken: stop (exit 4) rather than
-dead-letter the whole stream.
+fails (a post the tokeniser or model cannot handle, or one the model gives NaN scores), each
+post is retried alone and a post that still fails becomes a ``processing_error`` dead letter.
+When every post fails for ``SYSTEMIC_FAILURES`` posts in a row, the model itself is broken: stop
+(exit 4) rather than dead-letter the whole stream.
 
 Runs in the model thread.
 """
@@ -17,11 +17,12 @@ from typing import Any
 import structlog
 from aiokafka import TopicPartition
 
+from schemas import SocialPost
 from worker.decoding import DecodeFailure
 from worker.exit_codes import EXIT_MODEL, FatalError
 from worker.inbound import Inbound
 from worker.inference.loading import Classifier, load_classifier
-from worker.processing import BatchProcessor
+from worker.processing import BatchProcessor, BatchTiming
 from worker.routing.router import RoutedPost
 from worker.settings import WorkerSettings
 
@@ -32,44 +33,40 @@ SYSTEMIC_FAILURES = 64
 
 
 class FailureIsolation:
+    """Inference of a batch that never fails for one post (the Kafka worker's and file
+    mode's)."""
+
     def __init__(self, processor: BatchProcessor) -> None:
         self.processor = processor
         self.failures_in_a_row = 0  # posts that failed inference alone, in a row
 
-    def route(
-        self, number: int, items: list[Inbound], token_ids: list[list[int]] | None
-    ) -> dict[tuple[TopicPartition, int], RoutedPost]:
-        """The routed events of the items' valid posts, by (partition, offset); a post that
-        fails alone gets ``item.failure`` instead."""
-        valid = [i for i in items if i.post is not None]
-        if not valid:
-            return {}
+    def process(
+        self,
+        number: int,
+        posts: list[SocialPost],
+        sources: list[dict[str, Any] | None],
+        token_ids: list[list[int]] | None = None,
+        timing: BatchTiming | None = None,
+    ) -> list[RoutedPost | str]:
+        """Per post, in order: its routed events, or (when it fails alone) why, in words."""
+        if not posts:
+            return []
         try:
-            routed = self.processor.process(
-                [i.post for i in valid if i.post is not None],
-                [i.source() for i in valid],
-                token_ids=token_ids,
-            )
+            routed = self.processor.process(posts, sources, token_ids=token_ids, timing=timing)
             self.failures_in_a_row = 0
-            return {(i.tp, i.offset): r for i, r in zip(valid, routed, strict=True)}
+            return list(routed)
         except Exception as exc:
             log.warning(
                 "batch failed; retrying its posts one by one",
                 batch=number,
-                posts=len(valid),
+                posts=len(posts),
                 error=f"{type(exc).__name__}: {exc}"[:300],
             )
-        by_offset: dict[tuple[TopicPartition, int], RoutedPost] = {}
-        for item in valid:
-            routed_alone = self._route_alone(item)
-            if routed_alone is not None:
-                by_offset[(item.tp, item.offset)] = routed_alone
-        return by_offset
+        return [self._alone(post, source) for post, source in zip(posts, sources, strict=True)]
 
-    def _route_alone(self, item: Inbound) -> RoutedPost | None:
-        assert item.post is not None
+    def _alone(self, post: SocialPost, source: dict[str, Any] | None) -> RoutedPost | str:
         try:
-            routed = self.processor.process([item.post], [item.source()])[0]
+            routed = self.processor.process([post], [source])[0]
         except Exception as exc:
             self.failures_in_a_row += 1
             error = f"{type(exc).__name__}: {exc}"
@@ -80,19 +77,27 @@ class FailureIsolation:
                     "committed",
                     EXIT_MODEL,
                 ) from exc
-            item.post = None
-            item.failure = DecodeFailure(
-                "processing_error", f"inference failed for this post: {error}"[:500]
-            )
-            log.warning(
-                "post dead-lettered: inference failed",
-                partition=item.tp.partition,
-                offset=item.offset,
-                error=error[:300],
-            )
-            return None
+            log.warning("post dead-lettered: inference failed", source=source, error=error[:300])
+            return f"inference failed for this post: {error}"[:500]
         self.failures_in_a_row = 0
         return routed
+
+    def route(
+        self, number: int, items: list[Inbound], token_ids: list[list[int]] | None
+    ) -> dict[tuple[TopicPartition, int], RoutedPost]:
+        """The routed events of the items' valid posts, by (partition, offset); a post that
+        fails alone gets ``item.failure`` instead."""
+        valid = [i for i in items if i.post is not None]
+        posts = [i.post for i in valid if i.post is not None]
+        results = self.process(number, posts, [i.source() for i in valid], token_ids)
+        by_offset: dict[tuple[TopicPartition, int], RoutedPost] = {}
+        for item, result in zip(valid, results, strict=True):
+            if isinstance(result, str):
+                item.post = None
+                item.failure = DecodeFailure("processing_error", result)
+            else:
+                by_offset[(item.tp, item.offset)] = result
+        return by_offset
 
 
 @dataclass

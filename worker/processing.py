@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from schemas import DeadLetter, DeadLetterError, RecordHeader, SocialPost
 from worker.decoding import DecodeFailure, payload_for_dead_letter
 from worker.inference.engine import EngineConfig, McDropoutEngine
@@ -23,6 +25,25 @@ from worker.routing.router import RoutedPost, Router
 from worker.settings import WorkerSettings
 
 CHARS_PER_TOKEN_BOUND = 16  # no token is longer: texts are cut before tokenising, never rejected
+
+
+class NonFiniteScores(ValueError):
+    """The model gave posts scores that are not numbers: no event is published for them (the
+    batch is retried post by post, and a post that fails alone is dead-lettered)."""
+
+
+def check_finite(summary: McSummary, label_names: list[str]) -> None:
+    """Raise ``NonFiniteScores`` when a post's MC mean is NaN or infinite for some label (a
+    broken checkpoint, or a 16-bit overflow): such a post has no probability to publish."""
+    bad = ~np.isfinite(summary.mean)
+    posts = bad.any(axis=1)
+    if posts.any():
+        labels = [label_names[j] for j in np.flatnonzero(bad[posts][0])]
+        shown = ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+        raise NonFiniteScores(
+            f"the model's scores are not finite (NaN or infinite) for {int(posts.sum())} of "
+            f"{len(posts)} posts (the first: {shown})"
+        )
 
 
 @dataclass
@@ -114,6 +135,7 @@ class BatchProcessor:
             token_ids = self.tokenize(posts)
         t1 = time.perf_counter()
         summary = self.infer(token_ids)
+        check_finite(summary, self.classifier.label_names)
         ood = self.out_of_distribution(posts, token_ids, summary)
         t2 = time.perf_counter()
         routed = self.route(posts, sources, summary, ood, [len(t) for t in token_ids])

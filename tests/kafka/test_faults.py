@@ -32,6 +32,7 @@ from support.faults import (
 )
 from support.harness import Topics, WorkerProcess, make_topics, running
 from support.kafka_cluster import KafkaCluster
+from support.processors import NAN_MARKER, NanProcessor
 from support.streams import committed_and_end, post_bytes, produce, read_all, values
 
 from schemas import DeadLetter
@@ -261,6 +262,33 @@ async def test_posts_that_fail_inference_are_dead_lettered_the_rest_enriched(
         f"inference failing for 3 of {n} posts: {len(out.ids)} enriched, "
         f"{len(out.letters)} dead-lettered (processing_error), committed {n}",
     )
+
+
+async def test_posts_with_nan_scores_are_dead_lettered_not_published(
+    kafka: KafkaCluster, topics: Topics, make_settings, test_classifier
+) -> None:
+    """A post the model gives NaN scores would have been published with null probabilities (a
+    schema violation): it is retried alone and dead-lettered; its batch-mates are enriched and
+    every offset is committed."""
+    await make_topics(kafka, topics, partitions=1)
+    nan_posts = {3, 20, 21}
+    n = 32
+    messages = [post_bytes(i, f"a {NAN_MARKER} here" if i in nan_posts else None) for i in range(n)]
+    await produce(kafka.bootstrap_servers, topics.input, messages)
+    settings = make_settings(model={"n_samples": 2}, batch_size=16)
+    pipeline = Pipeline(settings, classifier=test_classifier, processor_factory=NanProcessor)
+    async with running(pipeline), OutputWatcher(kafka.client_config(), topics) as out:
+        await out.wait_for(n, timeout_s=120)
+        await out.settle(2)
+    assert set(out.ids) == {f"post-{i}" for i in range(n) if i not in nan_posts}
+    assert sorted(d["source"]["offset"] for d in out.letters) == sorted(nan_posts)
+    for letter in out.letters:
+        assert letter["error"]["kind"] == "processing_error"
+        assert "NonFiniteScores: the model's scores are not finite" in letter["error"]["message"]
+    committed, ends = await committed_and_end(
+        kafka.bootstrap_servers, topics.group_id, topics.input
+    )
+    assert committed == ends == {0: n}
 
 
 async def test_a_model_failing_on_every_post_stops_the_worker_with_code_4(

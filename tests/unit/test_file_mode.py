@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,11 +18,14 @@ from typing import Any
 import orjson
 import pytest
 import torch
+from support.processors import NanProcessor
 
 from schemas import DeadLetter, EnrichedPost
 from worker.decoding import DecodeFailure, DecodeLimits, decode_post
+from worker.exit_codes import EXIT_MODEL, FatalError
 from worker.file_mode import classify_stream
 from worker.inference.loading import Classifier
+from worker.isolation import SYSTEMIC_FAILURES
 from worker.processing import BatchProcessor
 from worker.settings import WorkerSettings
 
@@ -320,3 +324,75 @@ def test_file_mode_and_decode_post_give_the_same_dead_letters(
     for _, kind in BAD:
         expected_kinds[kind] = expected_kinds.get(kind, 0) + 1
     assert stats.dead_letter_kinds == expected_kinds
+
+
+# ── posts the model gives NaN scores ────────────────────────────────────────────────────────
+
+
+def nan_settings(test_model_dir: Path) -> WorkerSettings:
+    return WorkerSettings.model_validate(
+        {
+            "model": {"path": str(test_model_dir), "n_samples": 2, "seed": 1, "device": "cpu"},
+            "worker_id": "in-process",
+        }
+    )
+
+
+def test_posts_with_nan_scores_are_dead_lettered_and_the_rest_enriched(
+    test_classifier: Classifier, test_model_dir: Path, one_torch_thread: None
+) -> None:
+    """No event with a null probability: a post the model gives NaN scores fails alone and
+    becomes a ``processing_error`` dead letter with its line; its batch-mates are enriched."""
+    lines = [good(i, "a zebra ate my homework" if i in (2, 5) else None) for i in range(1, 8)]
+    processor = NanProcessor(test_classifier, nan_settings(test_model_dir))
+    enriched, dead = io.BytesIO(), io.BytesIO()
+    stats = classify_stream(
+        io.BytesIO("\n".join(lines).encode()),
+        "mem.jsonl",
+        processor,
+        DecodeLimits(1_000_000, 10_000),
+        enriched.write,
+        dead.write,
+        batch_size=4,  # both NaN posts in batches with good ones
+    )
+    events = [EnrichedPost.model_validate_json(x) for x in read_lines(enriched.getvalue())]
+    assert [e.id for e in events] == [f"good-{i}" for i in (1, 3, 4, 6, 7)]
+    for event in events:
+        assert all(math.isfinite(e.probability) for e in event.emotions)
+    letters = [DeadLetter.model_validate_json(x) for x in read_lines(dead.getvalue())]
+    assert [letter.source.model_dump()["line"] for letter in letters] == [2, 5]
+    for letter in letters:
+        assert letter.error.kind == "processing_error"
+        assert letter.error.message.startswith("inference failed for this post: NonFiniteScores")
+        assert f"for 1 of 1 posts (the first: {test_classifier.label_names[3]})" in (
+            letter.error.message
+        )
+        assert letter.payload.data is not None and "zebra" in letter.payload.data
+    assert (stats.enriched, stats.dead_lettered) == (5, 2)
+    assert stats.dead_letter_kinds == {"processing_error": 2}
+
+
+def test_a_model_that_fails_every_post_stops_file_mode(
+    test_classifier: Classifier, test_model_dir: Path, one_torch_thread: None
+) -> None:
+    """Every post NaN: after SYSTEMIC_FAILURES posts in a row the run stops (exit 4) instead of
+    dead-lettering the whole file."""
+    n = SYSTEMIC_FAILURES + 6
+    lines = [good(i, f"zebra number {i}") for i in range(n)]
+    processor = NanProcessor(test_classifier, nan_settings(test_model_dir))
+    dead = io.BytesIO()
+    with pytest.raises(FatalError) as caught:
+        classify_stream(
+            io.BytesIO("\n".join(lines).encode()),
+            "mem.jsonl",
+            processor,
+            DecodeLimits(1_000_000, 10_000),
+            io.BytesIO().write,
+            dead.write,
+            batch_size=32,
+        )
+    assert caught.value.exit_code == EXIT_MODEL
+    assert "NonFiniteScores" in str(caught.value)
+    # the first batch's 32 posts were dead-lettered; the run stopped in the second batch, whose
+    # posts are written nowhere (as the Kafka worker commits nothing past them)
+    assert len(read_lines(dead.getvalue())) == 32

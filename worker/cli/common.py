@@ -13,7 +13,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from worker.exit_codes import EXIT_CONFIG
+from worker.exit_codes import EXIT_CONFIG, FatalError
 
 if TYPE_CHECKING:
     from worker.settings import WorkerSettings
@@ -47,7 +47,8 @@ class CliError(Exception):
 
 
 def one_line_errors(fn: F) -> F:
-    """Turn known failures into one clear line on stderr and exit code 1 (EXIT_CONFIG)."""
+    """Turn known failures into one clear line on stderr and exit code 1 (EXIT_CONFIG), or a
+    fatal error's own code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -62,6 +63,9 @@ def one_line_errors(fn: F) -> F:
             err.print(f"[red]error:[/] invalid setting {where} ({env}): {first['msg']}")
         except (CliError, ModelLoadError, FileNotFoundError, ValueError) as exc:
             err.print(f"[red]error:[/] {exc}")
+        except FatalError as exc:  # e.g. a model that fails every post (exit 4)
+            err.print(f"[red]error:[/] {exc}")
+            raise typer.Exit(exc.exit_code) from exc
         raise typer.Exit(EXIT_CONFIG)
 
     return wrapper  # type: ignore[return-value]
