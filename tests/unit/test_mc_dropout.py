@@ -310,7 +310,7 @@ def test_fast_mode_samples_undecided_posts_up_to_n(
     reference = engine(classifier, mode="full", n_samples=n, seed=3).predict(token_ids)
     # thresholds right at post 0's means: its decisions are as open as they can be
     monkeypatch.setattr(classifier, "thresholds", reference.mean[0].copy())
-    e = engine(classifier, mode="fast", n_samples=n, first_samples=first, seed=1)
+    e = engine(classifier, mode="fast", n_samples=n, first_samples=first, seed=1, growth=1.5)
     summary = e.predict(token_ids)
     assert summary.n_samples[0] == n
     # every post stops at the end of a round: 4, 6, 9, 14, 16 (x 1.5, rounded up)
@@ -320,7 +320,9 @@ def test_fast_mode_samples_undecided_posts_up_to_n(
 
 
 def test_sample_rounds_grow_geometrically_up_to_n() -> None:
-    assert sample_rounds(12, 30, 1.5) == [12, 18, 27, 30]  # the defaults
+    config = EngineConfig()
+    assert sample_rounds(config.first_samples, config.n_samples, config.growth) == [12, 24, 30]
+    assert sample_rounds(12, 30, 1.5) == [12, 18, 27, 30]
     assert sample_rounds(8, 30, 2.0) == [8, 16, 30]
     assert sample_rounds(1, 4, 1.1) == [1, 2, 3, 4]  # at least one more sample a round
     assert sample_rounds(8, 3, 1.5) == [3]  # n below the first round
