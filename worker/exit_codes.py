@@ -3,7 +3,8 @@
 0 stopped cleanly; 1 configuration error; 2 Kafka unreachable at start or login refused;
 3 an output could not be published (nothing committed past it); 4 the model cannot run.
 Every ``emoworker`` command exits 1 after its one-line error (a bad setting or option, a missing
-file or extra: ``cli.one_line_errors``).
+file or extra: ``cli.one_line_errors``), or with a fatal error's own code (``emoworker classify``
+exits 4 when the model fails on every post).
 """
 
 from __future__ import annotations

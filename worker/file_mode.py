@@ -3,7 +3,9 @@
 Each input line is one message. Valid posts become enriched events (in input order), routed posts
 also review requests, posts flagged out of distribution under ``ood.action=topic`` also
 "unsupported" events, and bad lines dead letters carrying their line number, as do posts that fail
-inference alone (``isolation.py``, as in the Kafka worker). A bad line never stops the run.
+inference alone (``isolation.py``, as in the Kafka worker). A bad line never stops the run; a
+model that fails on every post does (``FatalError``, exit 4). Dead letters are written as each
+batch ends, so a post that failed inference follows the bad lines read after it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import orjson
 
 from schemas import SocialPost
 from worker.decoding import DecodeFailure, DecodeLimits, decode_post
+from worker.exit_codes import EXIT_MODEL, FatalError
 from worker.isolation import FailureIsolation
 from worker.processing import BatchProcessor, BatchTiming, dead_letter_event
 
@@ -53,6 +56,7 @@ def classify_stream(
     pending: list[tuple[int, SocialPost, bytes]] = []
     isolation = FailureIsolation(processor)
     batches = 0
+    failed_inference = 0
 
     def dead_letter(failure: DecodeFailure, raw: bytes, number: int) -> None:
         letter = dead_letter_event(
@@ -68,7 +72,7 @@ def classify_stream(
         stats.dead_letter_kinds[failure.kind] = stats.dead_letter_kinds.get(failure.kind, 0) + 1
 
     def flush() -> None:
-        nonlocal batches
+        nonlocal batches, failed_inference
         if not pending:
             return
         batches += 1
@@ -83,6 +87,7 @@ def classify_stream(
         for (number, _, raw), result in zip(pending, results, strict=True):
             if isinstance(result, str):
                 dead_letter(DecodeFailure("processing_error", result), raw, number)
+                failed_inference += 1
             else:
                 routed.append(result)
         for r in routed:
@@ -117,4 +122,10 @@ def classify_stream(
         if len(pending) >= batch_size:
             flush()
     flush()
+    if failed_inference and not stats.enriched:  # fewer than SYSTEMIC_FAILURES posts, all failed
+        raise FatalError(
+            f"inference failed for every post of {source_name} ({failed_inference}, each alone; "
+            "dead-lettered): the model cannot run",
+            EXIT_MODEL,
+        )
     return stats

@@ -4,7 +4,7 @@ post is retried alone and a post that still fails becomes a ``processing_error``
 When every post fails for ``SYSTEMIC_FAILURES`` posts in a row, the model itself is broken: stop
 (exit 4) rather than dead-letter the whole stream.
 
-Runs in the model thread.
+In the Kafka worker it runs in the model thread; file mode runs it in its own.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from worker.decoding import DecodeFailure
 from worker.exit_codes import EXIT_MODEL, FatalError
 from worker.inbound import Inbound
 from worker.inference.loading import Classifier, load_classifier
-from worker.processing import BatchProcessor, BatchTiming
+from worker.processing import BatchProcessor, BatchTiming, NonFiniteScores
 from worker.routing.router import RoutedPost
 from worker.settings import WorkerSettings
 
@@ -55,6 +55,19 @@ class FailureIsolation:
             routed = self.processor.process(posts, sources, token_ids=token_ids, timing=timing)
             self.failures_in_a_row = 0
             return list(routed)
+        except NonFiniteScores as exc:  # the rest of the batch was routed: retry only these
+            log.warning(
+                "posts with non-finite scores; retrying them one by one",
+                batch=number,
+                posts=len(exc.failed),
+                error=str(exc)[:300],
+            )
+            if exc.routed:
+                self.failures_in_a_row = 0
+            return [
+                exc.routed[i] if i in exc.routed else self._alone(post, source, timing)
+                for i, (post, source) in enumerate(zip(posts, sources, strict=True))
+            ]
         except Exception as exc:
             log.warning(
                 "batch failed; retrying its posts one by one",
@@ -62,19 +75,23 @@ class FailureIsolation:
                 posts=len(posts),
                 error=f"{type(exc).__name__}: {exc}"[:300],
             )
-        return [self._alone(post, source) for post, source in zip(posts, sources, strict=True)]
+        return [
+            self._alone(post, source, timing) for post, source in zip(posts, sources, strict=True)
+        ]
 
-    def _alone(self, post: SocialPost, source: dict[str, Any] | None) -> RoutedPost | str:
+    def _alone(
+        self, post: SocialPost, source: dict[str, Any] | None, timing: BatchTiming | None = None
+    ) -> RoutedPost | str:
         try:
-            routed = self.processor.process([post], [source])[0]
+            routed = self.processor.process([post], [source], timing=timing)[0]
         except Exception as exc:
             self.failures_in_a_row += 1
             error = f"{type(exc).__name__}: {exc}"
             if self.failures_in_a_row >= SYSTEMIC_FAILURES:
                 raise FatalError(
                     f"inference failed for {self.failures_in_a_row} posts in a row, each "
-                    f"alone: the model cannot run ({error[:300]}); nothing past them is "
-                    "committed",
+                    f"alone: the model cannot run ({error[:300]}); stopped before the posts "
+                    "after them",
                     EXIT_MODEL,
                 ) from exc
             log.warning("post dead-lettered: inference failed", source=source, error=error[:300])

@@ -28,22 +28,29 @@ CHARS_PER_TOKEN_BOUND = 16  # no token is longer: texts are cut before tokenisin
 
 
 class NonFiniteScores(ValueError):
-    """The model gave posts scores that are not numbers: no event is published for them (the
-    batch is retried post by post, and a post that fails alone is dead-lettered)."""
+    """The model gave some posts of a batch scores that are not numbers: no event is published
+    for them. ``routed`` holds the events of the batch's other posts (by position), so that only
+    the ``failed`` ones are retried alone (and dead-lettered if they fail again)."""
+
+    def __init__(self, message: str, failed: list[int], routed: dict[int, RoutedPost]) -> None:
+        super().__init__(message)
+        self.failed = failed
+        self.routed = routed
 
 
-def check_finite(summary: McSummary, label_names: list[str]) -> None:
-    """Raise ``NonFiniteScores`` when a post's MC mean is NaN or infinite for some label (a
-    broken checkpoint, or a 16-bit overflow): such a post has no probability to publish."""
+def non_finite_posts(summary: McSummary, label_names: list[str]) -> tuple[list[int], str]:
+    """The posts whose MC mean is NaN or infinite for some label (a broken checkpoint, or a
+    16-bit overflow): such a post has no probability to publish; and why, in words."""
     bad = ~np.isfinite(summary.mean)
     posts = bad.any(axis=1)
-    if posts.any():
-        labels = [label_names[j] for j in np.flatnonzero(bad[posts][0])]
-        shown = ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
-        raise NonFiniteScores(
-            f"the model's scores are not finite (NaN or infinite) for {int(posts.sum())} of "
-            f"{len(posts)} posts (the first: {shown})"
-        )
+    if not posts.any():
+        return [], ""
+    labels = [label_names[j] for j in np.flatnonzero(bad[posts][0])]
+    shown = ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+    return np.flatnonzero(posts).tolist(), (
+        f"the model's scores are not finite (NaN or infinite) for {int(posts.sum())} of "
+        f"{len(posts)} posts (the first: {shown})"
+    )
 
 
 @dataclass
@@ -135,14 +142,22 @@ class BatchProcessor:
             token_ids = self.tokenize(posts)
         t1 = time.perf_counter()
         summary = self.infer(token_ids)
-        check_finite(summary, self.classifier.label_names)
-        ood = self.out_of_distribution(posts, token_ids, summary)
+        failed, why = non_finite_posts(summary, self.classifier.label_names)
+        kept = [i for i in range(len(posts)) if i not in set(failed)]
+        if failed:  # the other posts go on; the failed ones are the caller's to retry
+            posts, sources = [posts[i] for i in kept], [sources[i] for i in kept]
+            token_ids, summary = [token_ids[i] for i in kept], summary.rows(kept)
+        ood = self.out_of_distribution(posts, token_ids, summary) if posts else None
         t2 = time.perf_counter()
-        routed = self.route(posts, sources, summary, ood, [len(t) for t in token_ids])
+        routed = (
+            self.route(posts, sources, summary, ood, [len(t) for t in token_ids]) if posts else []
+        )
         if timing is not None:
             timing.tokenize_s += t1 - t0
             timing.inference_s += t2 - t1
             timing.routing_s += time.perf_counter() - t2
+        if failed:
+            raise NonFiniteScores(why, failed, dict(zip(kept, routed, strict=True)))
         return routed
 
 

@@ -14,7 +14,12 @@ class NanProcessor(BatchProcessor):
     """The engine's means turn NaN (label 3) for any post holding ``NAN_MARKER``, as a broken
     checkpoint or a 16-bit overflow would give them."""
 
+    inferred: list[int]  # the posts of each inference, in order
+
     def infer(self, token_ids: list[list[int]]) -> McSummary:
+        if not hasattr(self, "inferred"):
+            self.inferred = []
+        self.inferred.append(len(token_ids))
         marker = set(self.classifier.tokenize([NAN_MARKER])[0][1:-1])
         summary = super().infer(token_ids)
         for row, ids in enumerate(token_ids):

@@ -19,8 +19,10 @@ import orjson
 import pytest
 import torch
 from support.processors import NanProcessor
+from typer.testing import CliRunner
 
 from schemas import DeadLetter, EnrichedPost
+from worker.cli import app
 from worker.decoding import DecodeFailure, DecodeLimits, decode_post
 from worker.exit_codes import EXIT_MODEL, FatalError
 from worker.file_mode import classify_stream
@@ -342,7 +344,8 @@ def test_posts_with_nan_scores_are_dead_lettered_and_the_rest_enriched(
     test_classifier: Classifier, test_model_dir: Path, one_torch_thread: None
 ) -> None:
     """No event with a null probability: a post the model gives NaN scores fails alone and
-    becomes a ``processing_error`` dead letter with its line; its batch-mates are enriched."""
+    becomes a ``processing_error`` dead letter with its line; its batch-mates are enriched from
+    the batch's own pass (only the NaN posts are run again, alone)."""
     lines = [good(i, "a zebra ate my homework" if i in (2, 5) else None) for i in range(1, 8)]
     processor = NanProcessor(test_classifier, nan_settings(test_model_dir))
     enriched, dead = io.BytesIO(), io.BytesIO()
@@ -370,6 +373,30 @@ def test_posts_with_nan_scores_are_dead_lettered_and_the_rest_enriched(
         assert letter.payload.data is not None and "zebra" in letter.payload.data
     assert (stats.enriched, stats.dead_lettered) == (5, 2)
     assert stats.dead_letter_kinds == {"processing_error": 2}
+    assert processor.inferred == [4, 1, 3, 1]  # each batch once, each NaN post once more alone
+
+
+def test_a_small_file_whose_every_post_fails_stops_with_exit_4(
+    test_classifier: Classifier,
+    test_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    one_torch_thread: None,
+) -> None:
+    """Fewer posts than SYSTEMIC_FAILURES, every one NaN: the posts are dead-lettered and
+    ``emoworker classify`` exits 4 (the model cannot run), not 0."""
+    inp, out, dead = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "dead.jsonl"
+    inp.write_text("\n".join(good(i, f"zebra number {i}") for i in range(3)) + "\n")
+    monkeypatch.setattr("worker.processing.BatchProcessor", NanProcessor)
+    monkeypatch.setattr("worker.logs.configure_logging", lambda *_a, **_k: None)
+    args = ["classify", "--input", str(inp), "--output", str(out), "--dead-letter", str(dead)]
+    args += ["--model", str(test_model_dir), "--n-samples", "2", "--seed", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == EXIT_MODEL, result.output
+    assert "inference failed for every post" in result.output
+    assert out.read_bytes() == b""
+    letters = [DeadLetter.model_validate_json(x) for x in read_lines(dead.read_bytes())]
+    assert [letter.source.model_dump()["line"] for letter in letters] == [1, 2, 3]
 
 
 def test_a_model_that_fails_every_post_stops_file_mode(

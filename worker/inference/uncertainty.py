@@ -144,6 +144,14 @@ class McSummary:
     def __len__(self) -> int:
         return len(self.mean)
 
+    def rows(self, index: list[int]) -> McSummary:
+        """The posts at ``index``, in that order."""
+        values: dict[str, Any] = {}
+        for f in McSummary.__dataclass_fields__:
+            v = getattr(self, f)
+            values[f] = None if v is None else v[index]
+        return McSummary(**values)
+
     def head(self, n: int) -> McSummary:
         """The first ``n`` posts."""
         values: dict[str, Any] = {}
