@@ -281,12 +281,12 @@ class ModelSettings(BaseModel):
     mc_mode: McMode = Field(
         "full",
         description="full: every dropout layer stochastic for all N samples; fast: adaptive "
-        "sampling (see the README); off: one deterministic pass.",
+        "sampling (see docs/mc-dropout.md); off: one deterministic pass.",
     )
     precision: Precision = Field(
         "auto",
         description="Matmul precision of the MC passes: auto (bf16 where the CPU or GPU has it "
-        "natively, else fp32), fp32, bf16 or fp16 (autocast; see the README).",
+        "natively, else fp32), fp32, bf16 or fp16 (autocast; see docs/mc-dropout.md).",
     )
     seed: int | None = Field(None, description="Seed for reproducible MC samples (tests).")
     max_tokens_per_forward: int = Field(

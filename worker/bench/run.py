@@ -231,7 +231,11 @@ async def streaming_benches(
         rounds = 1 if quick else OVERHEAD_ROUNDS
         if not quick:  # the first timed round was the worst in every run before: one untimed
             warm = bench_settings(
-                bootstrap, f"pipeline-warm-{stamp}", batch_size=batch, model=model_settings
+                bootstrap,
+                f"pipeline-warm-{stamp}",
+                batch_size=batch,
+                batch_max_wait_ms=100,
+                model=model_settings,
             )
             await saturated_throughput(warm, classifier, post_messages(posts), executor)
         raw_runs = [await raw_inference()]

@@ -18,7 +18,7 @@ Modes:
 * ``full``: every post gets N samples with every dropout layer stochastic.
 * ``fast``: adaptive sampling (optionally on an int8 copy of the linear layers on the CPU: 2x
   faster, but it moved label sets further from full MC than MC noise does, so it is off by
-  default; see the README's MC Dropout section). Every post first gets
+  default; see docs/mc-dropout.md). Every post first gets
   ``first_samples`` (12); then, in rounds that multiply the samples by ``growth`` (12, 24,
   30), only posts whose label set could still change keep sampling: a label mean within ``z``
   (0.5) standard errors of its threshold. Optionally the batch's top ``watch_top_share`` by
