@@ -143,15 +143,17 @@ class BatchProcessor:
         t1 = time.perf_counter()
         summary = self.infer(token_ids)
         failed, why = non_finite_posts(summary, self.classifier.label_names)
-        kept = [i for i in range(len(posts)) if i not in set(failed)]
         if failed:  # the other posts go on; the failed ones are the caller's to retry
+            bad = set(failed)
+            kept = [i for i in range(len(posts)) if i not in bad]
             posts, sources = [posts[i] for i in kept], [sources[i] for i in kept]
             token_ids, summary = [token_ids[i] for i in kept], summary.rows(kept)
-        ood = self.out_of_distribution(posts, token_ids, summary) if posts else None
+        routed: list[RoutedPost] = []
         t2 = time.perf_counter()
-        routed = (
-            self.route(posts, sources, summary, ood, [len(t) for t in token_ids]) if posts else []
-        )
+        if posts:  # none left when every post's scores failed
+            ood = self.out_of_distribution(posts, token_ids, summary)
+            t2 = time.perf_counter()
+            routed = self.route(posts, sources, summary, ood, [len(t) for t in token_ids])
         if timing is not None:
             timing.tokenize_s += t1 - t0
             timing.inference_s += t2 - t1

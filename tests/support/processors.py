@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from worker.inference.uncertainty import McSummary
@@ -14,11 +16,11 @@ class NanProcessor(BatchProcessor):
     """The engine's means turn NaN (label 3) for any post holding ``NAN_MARKER``, as a broken
     checkpoint or a 16-bit overflow would give them."""
 
-    inferred: list[int]  # the posts of each inference, in order
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.inferred: list[int] = []  # the posts of each inference, in order
 
     def infer(self, token_ids: list[list[int]]) -> McSummary:
-        if not hasattr(self, "inferred"):
-            self.inferred = []
         self.inferred.append(len(token_ids))
         marker = set(self.classifier.tokenize([NAN_MARKER])[0][1:-1])
         summary = super().infer(token_ids)

@@ -146,18 +146,17 @@ class McSummary:
 
     def rows(self, index: list[int]) -> McSummary:
         """The posts at ``index``, in that order."""
-        values: dict[str, Any] = {}
-        for f in McSummary.__dataclass_fields__:
-            v = getattr(self, f)
-            values[f] = None if v is None else v[index]
-        return McSummary(**values)
+        return self._select(index)
 
     def head(self, n: int) -> McSummary:
         """The first ``n`` posts."""
+        return self._select(slice(n))
+
+    def _select(self, posts: list[int] | slice) -> McSummary:
         values: dict[str, Any] = {}
         for f in McSummary.__dataclass_fields__:
             v = getattr(self, f)
-            values[f] = None if v is None else v[:n]
+            values[f] = None if v is None else v[posts]
         return McSummary(**values)
 
     @classmethod
