@@ -42,7 +42,7 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
     loops = ["emcoder_card", "emcoder_sorted", "emcoder_loop_unsorted", "sorted_loop"]
     expected = [*loops, "full", "full_vs_full", "fast", "fast_int8"]
     if native_bf16(torch.device("cpu")):
-        expected += ["full_bf16", "full_bf16_same_seed", "fast_bf16"]
+        expected += ["full_bf16", "full_bf16_same_seed", "fast_bf16", "full_bf16_plain_layers"]
     assert names == [*expected, "deterministic"]
     fields = {
         "posts_per_s", "ratio_to_loop", "label_set_agreement", "review_agreement", "spearman",
@@ -81,6 +81,12 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
     assert by_name["deterministic"]["tokens_per_forward"] == SEEDED_CPU_BUDGET
     if "full_bf16_same_seed" in by_name:
         assert by_name["full_bf16_same_seed"]["tokens_per_forward"] == full["tokens_per_forward"]
+        # the fused encoder layers: where the engine measured them faster, and never in the row
+        # that times the model's own layers
+        assert isinstance(by_name["full_bf16"]["fused_layers"], bool)
+        assert by_name["full_bf16_plain_layers"]["fused_layers"] is False
+        plain = by_name["full_bf16_plain_layers"]["tokens_per_forward"]
+        assert plain == by_name["full_bf16"]["tokens_per_forward"]
     assert 1.0 <= by_name["fast"]["mean_samples"] <= 4.0
     assert written["memory"]["peak_rss_mb"] > 0
     steady = written["memory"]["steady"]  # the default engine batch after batch, in a child

@@ -19,6 +19,8 @@ Methods (all at the same N):
 * ``full_bf16_same_seed`` — bfloat16 with the first ``full`` run's seed and token budget (the
   same dropout masks): its agreement with that run is the effect of the precision alone (and,
   where the budgets differ, its speed against ``full_bf16`` the effect of the budget);
+* ``full_bf16_plain_layers`` — ``full_bf16`` (its seed and budget) on the model's own encoder
+  layers instead of the fused ones (``fused_layers.py``): their speed-up, in the same run;
 * ``deterministic`` — one eval-mode pass (no uncertainty), for scale.
 
 The loops, ``full``, ``full_vs_full``, ``fast`` and ``deterministic`` run in float32.
@@ -257,6 +259,7 @@ def run_inference_bench(
     fast_config = _with(fast_config, max_tokens_per_forward=profile.tokens_per_forward)
 
     budgets: dict[str, int] = {}  # per precision: the engine's tokens per pass, set below
+    fused: dict[str, bool] = {}  # per precision: whether the engine kept the fused layers
 
     def full(seed: int, precision: Precision = "fp32", budget_of: str = "") -> EngineConfig:
         return _with(
@@ -265,6 +268,7 @@ def run_inference_bench(
             n_samples=n_samples,
             precision=precision,
             max_tokens_per_forward=budgets[budget_of or precision],
+            fused_layers=fused.get(precision, True),
         )
 
     warm_tokens = tokens[: profile.warmup_posts]
@@ -301,10 +305,16 @@ def run_inference_bench(
         if not budgets[precision]:
             engine = McDropoutEngine(classifier, EngineConfig(n_samples, precision=precision))
             budgets[precision] = engine.tokens_per_forward
+            fused[precision] = engine.fused_layers
             if engine.budget_choice is not None:
                 rates = {k: round(v) for k, v in engine.budget_choice.tokens_per_s.items()}
                 log(f"  token budget measured ({precision}), tokens/s by budget: {rates}")
-    log(f"  tokens per forward pass, by precision: {budgets}")
+            if engine.layer_rates is not None:
+                layers = {
+                    ("fused" if k else "plain"): round(v) for k, v in engine.layer_rates.items()
+                }
+                log(f"  encoder layers measured ({precision}), tokens/s: {layers}")
+    log(f"  tokens per forward pass, by precision: {budgets}; fused layers: {fused}")
     fast_config = _with(fast_config, max_tokens_per_forward=budgets["fp32"])
     warm_configs = [
         _with(
@@ -312,6 +322,7 @@ def run_inference_bench(
             n_samples=n_samples,
             precision=precision,
             max_tokens_per_forward=budgets[precision],
+            fused_layers=fused.get(precision, True),
         )
         for precision in precisions
         for config in (full_config, fast_config)
@@ -335,6 +346,7 @@ def run_inference_bench(
     log(f"  sorted_loop         {runs[-1].posts_per_s:7.2f} posts/s")
     # per engine row: the tokens per pass its engine ran with
     ran_at: dict[str, int] = {"sorted_loop": sorted_loop.max_tokens_per_forward}
+    ran_fused: dict[str, bool] = {}  # per engine row: whether it ran the fused layers
 
     def engine_method(name: str, config: EngineConfig) -> None:
         engines: list[McDropoutEngine] = []
@@ -345,6 +357,7 @@ def run_inference_bench(
 
         runs.append(timed(name, timed_tokens, run))
         ran_at[name] = engines[0].tokens_per_forward
+        ran_fused[name] = engines[0].fused_layers
         log(f"  {name:<20}{runs[-1].posts_per_s:8.2f} posts/s")
 
     engine_method("full", full(11))
@@ -360,8 +373,15 @@ def run_inference_bench(
         engine_method("full_bf16_same_seed", full(11, "bf16", budget_of="fp32"))
         engine_method(
             "fast_bf16",
-            _with(fast, seed=55, precision="bf16", max_tokens_per_forward=budgets["bf16"]),
+            _with(
+                fast,
+                seed=55,
+                precision="bf16",
+                max_tokens_per_forward=budgets["bf16"],
+                fused_layers=fused.get("bf16", True),
+            ),
         )
+        engine_method("full_bf16_plain_layers", _with(full(44, "bf16"), fused_layers=False))
     if "fp16" in precisions:
         engine_method("full_fp16", full(66, "fp16"))
         engine_method(
@@ -387,6 +407,7 @@ def run_inference_bench(
             "useful_gflops": round(work, 1),
             "bound_fraction": round(work / bound, 3) if bound else None,
             "tokens_per_forward": ran_at.get(run.name),  # None for the card's loops
+            "fused_layers": ran_fused.get(run.name),  # None for the card's loops
             "peak_rss_mb": round(run.peak_rss_mb, 1),
             "posts_timed": run.posts,
         }

@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import torch
@@ -53,6 +53,8 @@ class BudgetChoice:
 # swap to another release of the same architecture (new adapters on the same base) measures
 # nothing
 _CHOICES: dict[tuple[Any, ...], BudgetChoice] = {}
+_LAYER_RATES: dict[tuple[Any, ...], dict[bool, float]] = {}
+T = TypeVar("T")
 
 
 def architecture(model: nn.Module) -> tuple[Any, ...]:
@@ -94,21 +96,53 @@ def measured_budget(
 
 def _measure(sample_with_budget: Callable[[int], int], candidates: tuple[int, ...]) -> BudgetChoice:
     started = time.perf_counter()
-    best = dict.fromkeys(candidates, 0.0)
-    rng_state = torch.get_rng_state()  # the passes' dropout masks draw from torch's generator
-    try:
-        for budget in candidates:  # warm-up: kernels made, memory sized
-            sample_with_budget(budget)
-        for _ in range(ROUNDS):
-            for budget in candidates:
-                t0 = time.perf_counter()
-                tokens = sample_with_budget(budget)
-                best[budget] = max(best[budget], _rate(tokens, time.perf_counter() - t0))
-    finally:
-        torch.set_rng_state(rng_state)
+    best = best_rates(sample_with_budget, candidates)
     fastest = max(best.values())
     chosen = min(b for b, rate in best.items() if rate >= (1 - TOLERANCE) * fastest)
     return BudgetChoice(chosen, best, time.perf_counter() - started)
+
+
+def best_rates(sample_with: Callable[[T], int], candidates: tuple[T, ...]) -> dict[T, float]:
+    """Tokens per second of each candidate arrangement: the best of ``ROUNDS`` interleaved runs
+    after one warm-up run each (kernels made, memory sized); torch's generator is left as it was
+    (the passes' dropout masks draw from it)."""
+    best = dict.fromkeys(candidates, 0.0)
+    rng_state = torch.get_rng_state()
+    try:
+        for candidate in candidates:
+            sample_with(candidate)
+        for _ in range(ROUNDS):
+            for candidate in candidates:
+                t0 = time.perf_counter()
+                tokens = sample_with(candidate)
+                best[candidate] = max(best[candidate], _rate(tokens, time.perf_counter() - t0))
+    finally:
+        torch.set_rng_state(rng_state)
+    return best
+
+
+def measured_fused_layers(
+    model: nn.Module,
+    precision: str,
+    sample_with_layers: Callable[[bool], int],
+    arrangement: tuple[Any, ...] = (),
+) -> dict[bool, float]:
+    """Tokens per second with the fused encoder layers (``fused_layers.py``) and with the
+    model's own, at the budget already chosen (once per architecture, precision, thread count and
+    ``arrangement`` in a process, like the budget); the engine keeps the faster."""
+    key = (architecture(model), precision, torch.get_num_threads(), arrangement)
+    if key not in _LAYER_RATES:
+        started = time.perf_counter()
+        _LAYER_RATES[key] = best_rates(sample_with_layers, (True, False))
+        rates = _LAYER_RATES[key]
+        log.info(
+            "fused encoder layers measured",
+            fused=rates[True] > rates[False],
+            tokens_per_s={"fused": round(rates[True]), "plain": round(rates[False])},
+            precision=precision,
+            seconds=round(time.perf_counter() - started, 2),
+        )
+    return _LAYER_RATES[key]
 
 
 def calibration_posts(tokenize: Callable[[list[str]], list[list[int]]]) -> list[list[int]]:
