@@ -13,9 +13,9 @@ Arrangement (what measured fastest on CPU; see ``emoworker bench``):
    PyTorch's own per-element Bernoulli draws cost as much as the matmuls;
 4. results go into running sums (``McAccumulator``), never a (N, B, L) tensor;
 5. on the CPU in bfloat16, BERT-family encoder layers run on oneDNN's fused linear with packed
-   weights and passes padded to a few row counts (``fused_layers.py``: 1.29x on an Intel Xeon
-   with AMX); an unseeded engine measures them against the model's own layers at start-up and
-   keeps the faster.
+   weights and passes padded to a few row counts (``fused_layers.py``: 1.26x for full MC in the
+   bench on an Intel Xeon with AMX); an unseeded engine measures them against the model's own
+   layers at start-up and keeps the faster.
 
 Modes:
 
