@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from support.texts import EXAMPLE_TEXTS
 
@@ -87,6 +88,15 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
         assert by_name["full_bf16_plain_layers"]["fused_layers"] is False
         plain = by_name["full_bf16_plain_layers"]["tokens_per_forward"]
         assert plain == by_name["full_bf16"]["tokens_per_forward"]
+    # full and fast MC in the default precision: quality over their seed and two more
+    seeded = ("full_bf16", "fast_bf16") if "full_bf16" in by_name else ("full_vs_full", "fast")
+    for name in seeded:
+        over = by_name[name]["quality_over_seeds"]
+        assert len(over["seeds"]) == len(set(over["seeds"])) == 3
+        for figure in ("macro_f1", "aurc", "label_set_agreement"):
+            assert over[figure][0] == pytest.approx(by_name[name][figure], abs=1e-4)
+            assert over[f"{figure}_mean"] == pytest.approx(np.mean(over[figure]), abs=1e-4)
+    assert "quality_over_seeds" not in by_name["full"]
     assert 1.0 <= by_name["fast"]["mean_samples"] <= 4.0
     assert written["memory"]["peak_rss_mb"] > 0
     steady = written["memory"]["steady"]  # the default engine batch after batch, in a child

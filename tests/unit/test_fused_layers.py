@@ -5,6 +5,7 @@ an engine keeps them only where they measured faster."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,8 @@ from worker.inference.fused_layers import (
     install_fused_layers,
     padded_rows,
 )
-from worker.inference.loading import Classifier
+from worker.inference.loading import Classifier, load_classifier
+from worker.settings import ModelSettings
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),
@@ -176,3 +178,23 @@ def test_an_unseeded_engine_keeps_the_layers_that_measured_faster(
 
 def _fixed_budget(*args: object, **kwargs: object) -> engine_module.BudgetChoice:
     return engine_module.BudgetChoice(2048, {2048: 1.0}, 0.0)
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_other_families_in_bf16(family: str, tmp_path: Path, fused_calls: list[int]) -> None:
+    """RoBERTa's layers have BERT's shape and get the fused forward (the same statistics within
+    rounding); DistilBERT's do not and keep their own."""
+    from support.families import builders
+
+    folder = getattr(builders, f"build_{family}")(tmp_path / family)
+    classifier = load_classifier(ModelSettings(path=str(folder), device="cpu"))
+    token_ids = classifier.tokenize(EXAMPLE_TEXTS[:6])
+
+    def means(fused: bool) -> np.ndarray:
+        config = EngineConfig(n_samples=6, seed=5, precision="bf16", fused_layers=fused)
+        return McDropoutEngine(classifier, config).predict(token_ids).mean
+
+    plain = means(False)
+    fused = means(True)
+    assert bool(fused_calls) == (family == "roberta")
+    assert np.abs(fused - plain).max() < 0.02

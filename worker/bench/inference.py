@@ -23,6 +23,9 @@ Methods (all at the same N):
   layers instead of the fused ones (``fused_layers.py``): their speed-up, in the same run;
 * ``deterministic`` — one eval-mode pass (no uncertainty), for scale.
 
+Full and fast MC in the default precision also carry ``quality_over_seeds``: their quality and
+agreement figures over their own seed and two more (untimed runs), with the means.
+
 The loops, ``full``, ``full_vs_full``, ``fast`` and ``deterministic`` run in float32.
 
 Agreement is measured against the first ``full`` run: identical predicted label sets, identical
@@ -347,9 +350,11 @@ def run_inference_bench(
     # per engine row: the tokens per pass its engine ran with
     ran_at: dict[str, int] = {"sorted_loop": sorted_loop.max_tokens_per_forward}
     ran_fused: dict[str, bool] = {}  # per engine row: whether it ran the fused layers
+    configs: dict[str, EngineConfig] = {}  # per engine row: its engine's configuration
 
     def engine_method(name: str, config: EngineConfig) -> None:
         engines: list[McDropoutEngine] = []
+        configs[name] = config
 
         def run() -> McSummary:  # the engine's set-up is timed too, as in engine_run
             engines.append(McDropoutEngine(classifier, config))
@@ -391,6 +396,9 @@ def run_inference_bench(
     engine_method("deterministic", EngineConfig(n_samples=1, mode="off", precision="fp32"))
 
     reference = next(run.summary for run in runs if run.name == "full")
+    # the rows whose quality is also measured over more seeds: full and fast MC in the default
+    # precision (bfloat16 where native)
+    seeded_rows = ("full_bf16", "fast_bf16") if "bf16" in precisions else ("full_vs_full", "fast")
     loop_rate = max(run.posts_per_s for run in runs if run.name in BASELINES)
     model_config = classifier.model.config
     rows = []
@@ -421,8 +429,53 @@ def run_inference_bench(
             )
         )
         row["posts_compared"] = agreement_n
+        if run.name in seeded_rows:  # quality over more seeds: one seed's figures move by 0.02
+            row["quality_over_seeds"] = quality_over_seeds(
+                classifier,
+                tokens[:agreement_n],
+                configs[run.name],
+                row,
+                _head(reference, agreement_n),
+                thresholds,
+                targets[:agreement_n],
+                profile.engine_batch,
+            )
+            log(f"  {run.name} over seeds {row['quality_over_seeds']}")
         rows.append(row)
     return rows
+
+
+QUALITY_FIGURES = ("macro_f1", "aurc", "label_set_agreement", "review_agreement", "spearman")
+
+
+def quality_over_seeds(
+    classifier: Classifier,
+    tokens: list[list[int]],
+    config: EngineConfig,
+    first: dict[str, Any],
+    reference: McSummary,
+    thresholds: np.ndarray,
+    targets: np.ndarray,
+    batch: int,
+    extra_seeds: int = 2,
+) -> dict[str, Any]:
+    """A row's quality and agreement figures over its own seed and ``extra_seeds`` more (untimed
+    runs of the same engine), each figure's list and mean: whether the fast mode's macro-F1 and
+    AURC are worse than full MC's is a question about their means, not about one seed."""
+    seeds = [config.seed]
+    figures = [first]
+    for k in range(1, extra_seeds + 1):
+        seed = (config.seed or 0) + 1000 * k
+        engine = McDropoutEngine(classifier, _with(config, seed=seed))
+        summary = predict_in_batches(engine, tokens, batch)
+        figures.append(fidelity(summary, reference, thresholds, targets))
+        seeds.append(seed)
+    out: dict[str, Any] = {"seeds": seeds}
+    for name in QUALITY_FIGURES:
+        values = [float(f[name]) for f in figures]
+        out[name] = [round(v, 4) for v in values]
+        out[f"{name}_mean"] = round(float(np.mean(values)), 4)
+    return out
 
 
 def _with(config: EngineConfig, **changes: Any) -> EngineConfig:
