@@ -88,14 +88,23 @@ def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     differentiable = x.requires_grad and torch.is_grad_enabled()  # bit operations have no grad
     if x.device.type != "cpu" or integer is None or differentiable:
         return nn.functional.dropout(x, p, training=True)
-    dropped = dropped_share(p)
-    if dropped >= 1.0:
+    if dropped_share(p) >= 1.0:
         return torch.zeros_like(x)
+    kept = torch.bitwise_and(x.view(integer), keep_bits_like(x, p)).view(x.dtype)
+    return kept.mul_(kept_scale(p))
+
+
+def keep_bits_like(x: torch.Tensor, p: float) -> torch.Tensor:
+    """``keep_bits`` of ``x``'s shape in the integer type of ``x``'s element size (a float
+    tensor's integer view), to AND with that view."""
     bits = keep_bits(x.shape, p)
-    if integer is not torch.int16:
-        bits = bits.to(integer)  # sign extension keeps -1 all ones
-    kept = torch.bitwise_and(x.view(integer), bits).view(x.dtype)
-    return kept.mul_(1.0 / (1.0 - dropped))
+    integer = INTEGER_VIEWS[x.element_size()]
+    return bits if integer is torch.int16 else bits.to(integer)  # sign extension: -1 all ones
+
+
+def kept_scale(p: float) -> float:
+    """What kept elements are multiplied by: 1 / (1 - p'), with p' the rate the masks apply."""
+    return 1.0 / (1.0 - dropped_share(p))
 
 
 class FastDropout(nn.Dropout):

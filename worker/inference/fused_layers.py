@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.inference.fast_dropout import dropped_share, keep_bits
+from worker.inference.fast_dropout import INTEGER_VIEWS, dropped_share, keep_bits_like, kept_scale
 
 BF16 = torch.bfloat16
 MIN_ROW_STEP = 16  # rows are padded to a multiple of this at least
@@ -125,16 +125,11 @@ def drop_(x: torch.Tensor, p: float) -> float:
     ``fast_dropout`` draws it; returns the scale the kept elements still need."""
     if p <= 0.0:
         return 1.0
-    dropped = dropped_share(p)
-    if dropped >= 1.0:
+    if dropped_share(p) >= 1.0:
         x.zero_()
         return 0.0
-    integer = {2: torch.int16, 4: torch.int32}[x.element_size()]
-    bits = keep_bits(x.shape, p)
-    if integer is not torch.int16:
-        bits = bits.to(integer)
-    x.view(integer).bitwise_and_(bits)
-    return 1.0 / (1.0 - dropped)
+    x.view(INTEGER_VIEWS[x.element_size()]).bitwise_and_(keep_bits_like(x, p))
+    return kept_scale(p)
 
 
 class FusedEncoderLayer:
@@ -273,8 +268,8 @@ def _sampling_forward(
 ) -> Any:
     fused = _FUSED.get(self)
     sampling = fused is not None and fused.enabled and fused.attention_out_dropout.training
-    plain = not args or all(a is None for a in args)
-    extra = {k: v for k, v in kwargs.items() if v is not None and k not in _IGNORED_KWARGS}
+    plain = all(a is None for a in args)
+    extra = any(v is not None and k not in _IGNORED_KWARGS for k, v in kwargs.items())
     if fused is not None and sampling and plain and not extra and hidden_states.dim() == 3:
         return fused(hidden_states, attention_mask)
     return type(self).forward(self, hidden_states, attention_mask, *args, **kwargs)
