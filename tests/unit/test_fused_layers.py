@@ -198,3 +198,15 @@ def test_other_families_in_bf16(family: str, tmp_path: Path, fused_calls: list[i
     fused = means(True)
     assert bool(fused_calls) == (family == "roberta")
     assert np.abs(fused - plain).max() < 0.02
+
+
+def test_a_configured_budget_still_measures_the_layers(
+    test_classifier: Classifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        engine_module, "measured_fused_layers", lambda *a, **k: {True: 900.0, False: 1000.0}
+    )
+    config = EngineConfig(n_samples=4, precision="bf16", max_tokens_per_forward=1024)
+    engine = McDropoutEngine(test_classifier, config)
+    assert engine.budget_choice is None and engine.layer_rates is not None
+    assert not engine.fused_layers
