@@ -4,8 +4,8 @@ Each input line is one message. Valid posts become enriched events (in input ord
 also review requests, posts flagged out of distribution under ``ood.action=topic`` also
 "unsupported" events, and bad lines dead letters carrying their line number, as do posts that fail
 inference alone (``isolation.py``, as in the Kafka worker). A bad line never stops the run; a
-model that fails on every post does (``FatalError``, exit 4). Dead letters are written as each
-batch ends, so a post that failed inference follows the bad lines read after it.
+model that fails on every post does (``FatalError``, exit 4). Dead letters are written in input
+order: a bad line read while a batch is pending waits for that batch, whose posts may fail too.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def classify_stream(
     isolation = FailureIsolation(processor)
     batches = 0
     failed_inference = 0
+    held: list[tuple[int, DecodeFailure, bytes]] = []  # bad lines read while a batch is pending
 
     def dead_letter(failure: DecodeFailure, raw: bytes, number: int) -> None:
         letter = dead_letter_event(
@@ -86,10 +87,13 @@ def classify_stream(
         routed = []
         for (number, _, raw), result in zip(pending, results, strict=True):
             if isinstance(result, str):
-                dead_letter(DecodeFailure("processing_error", result), raw, number)
+                held.append((number, DecodeFailure("processing_error", result), raw))
                 failed_inference += 1
             else:
                 routed.append(result)
+        for number, failure, raw in sorted(held, key=lambda letter: letter[0]):
+            dead_letter(failure, raw, number)
+        held.clear()
         for r in routed:
             enriched = r.enriched_bytes() + b"\n"
             write_enriched(enriched)
@@ -114,7 +118,10 @@ def classify_stream(
         stats.lines += 1
         decoded = decode_post(raw, limits)
         if isinstance(decoded, DecodeFailure):
-            dead_letter(decoded, raw, number)
+            if pending:
+                held.append((number, decoded, raw))
+            else:
+                dead_letter(decoded, raw, number)
             if on_progress is not None:
                 on_progress(1)
             continue

@@ -25,7 +25,7 @@ from schemas import DeadLetter, EnrichedPost
 from worker.cli import app
 from worker.decoding import DecodeFailure, DecodeLimits, decode_post
 from worker.exit_codes import EXIT_MODEL, FatalError
-from worker.file_mode import classify_stream
+from worker.file_mode import FileRunStats, classify_stream
 from worker.inference.loading import Classifier
 from worker.isolation import SYSTEMIC_FAILURES
 from worker.processing import BatchProcessor
@@ -331,6 +331,23 @@ def test_file_mode_and_decode_post_give_the_same_dead_letters(
 # ── posts the model gives NaN scores ────────────────────────────────────────────────────────
 
 
+def classify_lines(
+    lines: list[str], processor: BatchProcessor, batch_size: int
+) -> tuple[FileRunStats, io.BytesIO, io.BytesIO]:
+    """``classify_stream`` over ``lines`` in memory: its stats, enriched and dead-letter output."""
+    enriched, dead = io.BytesIO(), io.BytesIO()
+    stats = classify_stream(
+        io.BytesIO("\n".join(lines).encode()),
+        "mem.jsonl",
+        processor,
+        DecodeLimits(1_000_000, 10_000),
+        enriched.write,
+        dead.write,
+        batch_size=batch_size,
+    )
+    return stats, enriched, dead
+
+
 def nan_settings(test_model_dir: Path) -> WorkerSettings:
     return WorkerSettings.model_validate(
         {
@@ -348,16 +365,8 @@ def test_posts_with_nan_scores_are_dead_lettered_and_the_rest_enriched(
     the batch's own pass (only the NaN posts are run again, alone)."""
     lines = [good(i, "a zebra ate my homework" if i in (2, 5) else None) for i in range(1, 8)]
     processor = NanProcessor(test_classifier, nan_settings(test_model_dir))
-    enriched, dead = io.BytesIO(), io.BytesIO()
-    stats = classify_stream(
-        io.BytesIO("\n".join(lines).encode()),
-        "mem.jsonl",
-        processor,
-        DecodeLimits(1_000_000, 10_000),
-        enriched.write,
-        dead.write,
-        batch_size=4,  # both NaN posts in batches with good ones
-    )
+    # batches of 4: both NaN posts in batches with good ones
+    stats, enriched, dead = classify_lines(lines, processor, batch_size=4)
     events = [EnrichedPost.model_validate_json(x) for x in read_lines(enriched.getvalue())]
     assert [e.id for e in events] == [f"good-{i}" for i in (1, 3, 4, 6, 7)]
     for event in events:
@@ -423,3 +432,34 @@ def test_a_model_that_fails_every_post_stops_file_mode(
     # the first batch's 32 posts were dead-lettered; the run stopped in the second batch, whose
     # posts are written nowhere (as the Kafka worker commits nothing past them)
     assert len(read_lines(dead.getvalue())) == 32
+
+
+def test_dead_letters_are_written_in_input_order_whatever_their_cause(
+    test_classifier: Classifier, test_model_dir: Path, one_torch_thread: None
+) -> None:
+    """A post that fails inference and the bad lines read after it, before its batch ran: the
+    dead-letter file lists them by line (2, 3, 5, 6), as it would without batching, not the bad
+    lines first (3, 5, 2, 6 before the fix)."""
+    lines = [
+        good(1),
+        good(2, "a zebra ate my homework"),
+        "{not json",
+        good(4),
+        '{"id": "x"}',
+        good(6, "a zebra again"),
+        good(7),
+    ]
+    processor = NanProcessor(test_classifier, nan_settings(test_model_dir))
+    # batches of 3: lines 1, 2, 4 in the first; 6, 7 in the second
+    stats, enriched, dead = classify_lines(lines, processor, batch_size=3)
+    letters = [DeadLetter.model_validate_json(x) for x in read_lines(dead.getvalue())]
+    assert [letter.source.model_dump()["line"] for letter in letters] == [2, 3, 5, 6]
+    assert [letter.error.kind for letter in letters] == [
+        "processing_error",
+        "invalid_json",
+        "missing_field",
+        "processing_error",
+    ]
+    ids = [orjson.loads(x)["id"] for x in read_lines(enriched.getvalue())]
+    assert ids == ["good-1", "good-4", "good-7"]
+    assert (stats.enriched, stats.dead_lettered) == (3, 4)
