@@ -94,7 +94,7 @@ class FailureIsolation:
                     "after them",
                     EXIT_MODEL,
                 ) from exc
-            log.warning("post dead-lettered: inference failed", source=source, error=error[:300])
+            log.warning("post dead-lettered: inference failed", **(source or {}), error=error[:300])
             return f"inference failed for this post: {error}"[:500]
         self.failures_in_a_row = 0
         return routed

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog.testing
 import torch
 from support.processors import NanProcessor
 from typer.testing import CliRunner
@@ -463,3 +464,17 @@ def test_dead_letters_are_written_in_input_order_whatever_their_cause(
     ids = [orjson.loads(x)["id"] for x in read_lines(enriched.getvalue())]
     assert ids == ["good-1", "good-4", "good-7"]
     assert (stats.enriched, stats.dead_lettered) == (3, 4)
+
+
+def test_the_dead_letter_log_names_its_source_in_flat_fields(
+    test_classifier: Classifier, test_model_dir: Path, one_torch_thread: None
+) -> None:
+    """A log line a collector can index: the failed post's path and line (in Kafka mode its
+    topic, partition and offset) as top-level fields, not one nested ``source`` object."""
+    processor = NanProcessor(test_classifier, nan_settings(test_model_dir))
+    with structlog.testing.capture_logs() as logs:
+        classify_lines([good(1), good(2, "a zebra ate my homework")], processor, batch_size=2)
+    [line] = [e for e in logs if e["event"] == "post dead-lettered: inference failed"]
+    assert (line["path"], line["line"]) == ("mem.jsonl", 2)
+    assert "source" not in line
+    assert line["error"].startswith("NonFiniteScores")
