@@ -180,22 +180,32 @@ async def run_demo(bootstrap: str, rate: float) -> int:
 
 
 def show_examples(tally: Tally) -> None:
-    def compact(event: dict[str, Any] | None) -> dict[str, Any] | None:
-        if event is None:
-            return None
-        event = dict(event)
-        if "emotions" in event:  # the three most probable of the 28 labels, to keep it short
-            top = sorted(event["emotions"], key=lambda e: -e["probability"])[:3]
-            event["emotions"] = [*top, f"... {len(event['emotions']) - 3} more labels"]
-        return event
-
     for title, event in (
-        ("example enriched event", compact(tally.example_enriched)),
-        ("example review request (highest priority)", compact(tally.example_review)),
+        ("example enriched event", shortened(tally.example_enriched)),
+        ("example review request (highest priority)", shortened(tally.example_review)),
         ("example dead letter", tally.example_dead),
     ):
         if event is not None:
             console.print(Panel(JSON(orjson.dumps(event).decode()), title=title, expand=False))
+
+
+def shortened(event: dict[str, Any] | None, keep: int = 3) -> dict[str, Any] | None:
+    """``event`` with only its ``keep`` most probable labels, to keep the printout short: of the
+    full layout's ``emotions``, or of each of the compact layout's ``scores`` arrays."""
+    if event is None:
+        return None
+    event = dict(event)
+    if "emotions" in event:
+        top = sorted(event["emotions"], key=lambda e: -e["probability"])[:keep]
+        event["emotions"] = [*top, f"... {len(event['emotions']) - len(top)} more labels"]
+    if isinstance(scores := event.get("scores"), dict) and "probability" in scores:
+        probability = scores["probability"]
+        order = sorted(range(len(probability)), key=lambda i: -probability[i])[:keep]
+        more = f"... {len(probability) - len(order)} more labels"
+        event["scores"] = {
+            name: [values[i] for i in order] + [more] for name, values in scores.items()
+        }
+    return event
 
 
 def main() -> int:
