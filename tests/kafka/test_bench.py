@@ -44,6 +44,7 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
     expected = [*loops, "full", "full_vs_full", "fast", "fast_int8"]
     if native_bf16(torch.device("cpu")):
         expected += ["full_bf16", "full_bf16_same_seed", "fast_bf16", "full_bf16_plain_layers"]
+        expected += ["full_bf16_member_threads", "fast_bf16_member_threads"]
     assert names == [*expected, "deterministic"]
     fields = {
         "posts_per_s", "ratio_to_loop", "label_set_agreement", "review_agreement", "spearman",
@@ -88,6 +89,11 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
         assert by_name["full_bf16_plain_layers"]["fused_layers"] is False
         plain = by_name["full_bf16_plain_layers"]["tokens_per_forward"]
         assert plain == by_name["full_bf16"]["tokens_per_forward"]
+        # members at once only unseeded, on the same budget as the seeded row
+        assert by_name["full_bf16"]["member_threads"] is False
+        members = by_name["full_bf16_member_threads"]
+        assert isinstance(members["member_threads"], bool)
+        assert members["tokens_per_forward"] == by_name["full_bf16"]["tokens_per_forward"]
     # full and fast MC in the default precision: quality over their seed and two more
     seeded = ("full_bf16", "fast_bf16") if "full_bf16" in by_name else ("full_vs_full", "fast")
     for name in seeded:

@@ -4,6 +4,8 @@ statistics (checked against a hand computation), and N is split evenly over the 
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +135,99 @@ def test_the_samples_are_split_evenly_over_the_members(
     assert deterministic is not None
     # the MC mean of the first member's features lies near its deterministic features
     assert np.abs(with_features.features - deterministic).mean() < 0.1
+
+
+@pytest.fixture
+def two_torch_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def without_noise(classifier: Classifier) -> None:
+    """Every dropout layer at a rate the masks round to 0: MC passes that are all alike (the
+    engine still samples; it would not at p = 0)."""
+    for model in classifier.models:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 1e-9
+
+
+@pytest.mark.usefixtures("two_torch_threads")
+def test_an_unseeded_ensemble_samples_its_members_at_once_with_the_same_statistics(
+    ensemble: tuple[Path, list[Path]],
+) -> None:
+    """The members' passes run on two threads (one each) and their samples pool as they do one
+    after another: with passes that are all alike, the same means, counts and features."""
+    output, _ = ensemble
+    classifier = load_classifier(ModelSettings(path=str(output), device="cpu"))
+    without_noise(classifier)
+    config = EngineConfig(n_samples=6, mode="full", precision="fp32", feature_layer=3)
+    one_by_one = McDropoutEngine(classifier, dataclasses.replace(config, member_threads=False))
+    at_once = McDropoutEngine(classifier, config)
+    assert one_by_one.member_threads is None
+    assert at_once.member_threads is not None and at_once.member_threads.count == 2
+    threads: dict[int, set[str]] = {0: set(), 1: set()}
+    original = at_once._sample
+
+    def recording(model: torch.nn.Module, token_ids: list[list[int]], rows, k, acc) -> None:  # type: ignore[no-untyped-def]
+        member = next(i for i, m in enumerate(at_once.sampling_models) if m is model)
+        threads[member].add(threading.current_thread().name)
+        original(model, token_ids, rows, k, acc)
+
+    at_once._sample = recording  # type: ignore[method-assign]
+    ids = classifier.tokenize(TEXTS)
+    expected, got = one_by_one.predict(ids), at_once.predict(ids)
+    assert all(len(names) == 1 for names in threads.values())
+    assert threads[0] != threads[1], "each member on a thread of its own"
+    assert all(n.startswith("emoworker-members") for names in threads.values() for n in names)
+    assert got.n_samples.tolist() == expected.n_samples.tolist() == [6] * len(TEXTS)
+    np.testing.assert_allclose(got.mean, expected.mean, atol=1e-6)
+    np.testing.assert_allclose(got.std, expected.std, atol=1e-6)  # between the members
+    assert got.features is not None and expected.features is not None
+    np.testing.assert_allclose(got.features, expected.features, atol=1e-6)
+    # fast mode's rounds too
+    fast = McDropoutEngine(classifier, dataclasses.replace(config, mode="fast"))
+    assert fast.member_threads is not None
+    np.testing.assert_allclose(fast.predict(ids).mean, expected.mean, atol=1e-6)
+
+
+@pytest.mark.usefixtures("two_torch_threads")
+def test_member_threads_only_for_unseeded_ensembles_on_several_threads(
+    ensemble: tuple[Path, list[Path]],
+) -> None:
+    output, _ = ensemble
+    classifier = load_classifier(ModelSettings(path=str(output), device="cpu"))
+    assert McDropoutEngine(classifier, EngineConfig(n_samples=4, seed=1)).member_threads is None
+    assert McDropoutEngine(classifier, EngineConfig(mode="off")).member_threads is None
+    first = dataclasses.replace(classifier, members=[])
+    assert McDropoutEngine(first, EngineConfig(n_samples=4)).member_threads is None
+    torch.set_num_threads(1)
+    assert McDropoutEngine(classifier, EngineConfig(n_samples=4)).member_threads is None
+
+
+@pytest.mark.usefixtures("two_torch_threads")
+def test_a_member_that_fails_fails_the_batch_and_the_engine_goes_on(
+    ensemble: tuple[Path, list[Path]],
+) -> None:
+    """The failure reaches the caller (which dead-letters or retries post by post), after the
+    other member finished; the next batch samples normally."""
+    output, _ = ensemble
+    classifier = load_classifier(ModelSettings(path=str(output), device="cpu"))
+    engine = McDropoutEngine(classifier, EngineConfig(n_samples=4, mode="full"))
+    original = engine._sample
+    second = engine.sampling_models[1]
+
+    def failing(model: torch.nn.Module, token_ids: list[list[int]], rows, k, acc) -> None:  # type: ignore[no-untyped-def]
+        if model is second:
+            raise RuntimeError("member 2 broke")
+        original(model, token_ids, rows, k, acc)
+
+    engine._sample = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="member 2 broke"):
+        engine.predict(classifier.tokenize(TEXTS))
+    engine._sample = original  # type: ignore[method-assign]
+    summary = engine.predict(classifier.tokenize(TEXTS))
+    assert summary.n_samples.tolist() == [4] * len(TEXTS)
+    assert np.isfinite(summary.mean).all()

@@ -21,6 +21,10 @@ Methods (all at the same N):
   where the budgets differ, its speed against ``full_bf16`` the effect of the budget);
 * ``full_bf16_plain_layers`` — ``full_bf16`` (its seed and budget) on the model's own encoder
   layers instead of the fused ones (``fused_layers.py``): their speed-up, in the same run;
+* ``full_bf16_member_threads``, ``fast_bf16_member_threads`` — ``full_bf16`` and ``fast_bf16``
+  (their budget and layers) unseeded, as the worker runs them: an ensemble's members sampled at
+  once on threads of their own (``member_threads.py``; a seeded engine samples them in turn), a
+  new draw each run;
 * ``deterministic`` — one eval-mode pass (no uncertainty), for scale.
 
 Full and fast MC in the default precision also carry ``quality_over_seeds``: their quality and
@@ -350,6 +354,7 @@ def run_inference_bench(
     # per engine row: the tokens per pass its engine ran with
     ran_at: dict[str, int] = {"sorted_loop": sorted_loop.max_tokens_per_forward}
     ran_fused: dict[str, bool] = {}  # per engine row: whether it ran the fused layers
+    ran_members: dict[str, bool] = {}  # per engine row: whether its members ran at once
     configs: dict[str, EngineConfig] = {}  # per engine row: its engine's configuration
 
     def engine_method(name: str, config: EngineConfig) -> None:
@@ -363,6 +368,7 @@ def run_inference_bench(
         runs.append(timed(name, timed_tokens, run))
         ran_at[name] = engines[0].tokens_per_forward
         ran_fused[name] = engines[0].fused_layers
+        ran_members[name] = engines[0].member_threads is not None
         log(f"  {name:<20}{runs[-1].posts_per_s:8.2f} posts/s")
 
     engine_method("full", full(11))
@@ -387,6 +393,18 @@ def run_inference_bench(
             ),
         )
         engine_method("full_bf16_plain_layers", _with(full(44, "bf16"), fused_layers=False))
+        # unseeded, as the worker runs: an ensemble's members sampled at once (member_threads.py)
+        engine_method("full_bf16_member_threads", _with(full(44, "bf16"), seed=None))
+        engine_method(
+            "fast_bf16_member_threads",
+            _with(
+                fast,
+                seed=None,
+                precision="bf16",
+                max_tokens_per_forward=budgets["bf16"],
+                fused_layers=fused.get("bf16", True),
+            ),
+        )
     if "fp16" in precisions:
         engine_method("full_fp16", full(66, "fp16"))
         engine_method(
@@ -416,6 +434,7 @@ def run_inference_bench(
             "bound_fraction": round(work / bound, 3) if bound else None,
             "tokens_per_forward": ran_at.get(run.name),  # None for the card's loops
             "fused_layers": ran_fused.get(run.name),  # None for the card's loops
+            "member_threads": ran_members.get(run.name),
             "peak_rss_mb": round(run.peak_rss_mb, 1),
             "posts_timed": run.posts,
         }

@@ -15,7 +15,10 @@ Arrangement (what measured fastest on CPU; see ``emoworker bench``):
 5. on the CPU in bfloat16, BERT-family encoder layers run on oneDNN's fused linear with packed
    weights and passes padded to a few row counts (``fused_layers.py``: 1.26x for full MC in the
    bench on an Intel Xeon with AMX); an unseeded engine measures them against the model's own
-   layers at start-up and keeps the faster.
+   layers at start-up and keeps the faster;
+6. on the CPU, an unseeded ensemble samples its members at once, each group on a thread with its
+   share of the torch threads (``member_threads.py``: 1.18-1.26x for full MC in batches of 64 on
+   2 cores).
 
 Modes:
 
@@ -50,6 +53,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Iterator
+from concurrent.futures import wait
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +67,13 @@ from worker.inference.fused_layers import (
     set_fused_layers,
 )
 from worker.inference.loading import Classifier
+from worker.inference.member_threads import (
+    LockedAccumulator,
+    MemberThreads,
+    SampleSink,
+    member_groups,
+    member_thread_count,
+)
 from worker.inference.precision import DTYPES, Precision, autocast, resolve_precision
 from worker.inference.token_budget import (
     SEEDED_CPU_BUDGET,
@@ -91,6 +102,7 @@ class EngineConfig:
     precision: Precision = "auto"  # see precision.py
     feature_layer: int = 0  # >0: also average this encoder layer's output (HiddenStateTap)
     fused_layers: bool = True  # CPU, bfloat16: fused encoder layers where measured faster
+    member_threads: bool = True  # CPU, unseeded ensembles: members sampled at once (see module)
 
 
 def pad(
@@ -171,6 +183,17 @@ class McDropoutEngine:
         self.tokens_per_forward = self._token_budget()
         if self.fused_layers and self.config.seed is None:  # a configured budget measures too
             self.fused_layers = self._fused_layers_faster()
+        # an unseeded ensemble on the CPU samples its members at once (member_threads.py)
+        count = member_thread_count(torch.get_num_threads(), len(self.sampling_models))
+        self.member_threads = (
+            MemberThreads(count, torch.get_num_threads())
+            if config.member_threads
+            and count > 1
+            and config.seed is None
+            and self.device.type == "cpu"
+            and self.mode != "off"
+            else None
+        )
 
     @property
     def sampling_model(self) -> nn.Module:
@@ -285,9 +308,26 @@ class McDropoutEngine:
         for j in range(n % k):
             shares[(self._turn + j) % k] += 1
         self._turn = (self._turn + n % k) % k
-        for model, share in zip(self.sampling_models, shares, strict=True):
-            if share:
-                self._sample(model, token_ids, rows, share, acc)
+        groups = member_groups(shares, self.member_threads.count if self.member_threads else 1)
+        if self.member_threads is None or len(groups) < 2:
+            for model, share in zip(self.sampling_models, shares, strict=True):
+                if share:
+                    self._sample(model, token_ids, rows, share, acc)
+            return
+        shared = LockedAccumulator(acc)
+        precision, device = self.precision, self.classifier.device
+
+        def sample_group(members: list[int]) -> None:  # on a member thread
+            with torch.inference_mode(), autocast(precision, device):  # both per thread
+                for i in members:
+                    self._sample(self.sampling_models[i], token_ids, rows, shares[i], shared)
+
+        futures = [self.member_threads.pool.submit(sample_group, g) for g in groups]
+        try:
+            for future in futures:
+                future.result()
+        finally:
+            wait(futures)  # no member still sampling when this returns or raises
 
     def _adaptive(self, token_ids: list[list[int]], acc: McAccumulator) -> None:
         rounds = sample_rounds(self.config.first_samples, self.n_samples, self.config.growth)
@@ -323,7 +363,7 @@ class McDropoutEngine:
         token_ids: list[list[int]],
         rows: list[int],
         n: int,
-        acc: McAccumulator,
+        acc: McAccumulator | SampleSink,
         budget: int = 0,
     ) -> None:
         """Draw ``n`` samples for each post in ``rows`` into ``acc`` (``budget``: tokens a

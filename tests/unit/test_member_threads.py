@@ -1,0 +1,32 @@
+"""How an ensemble's members are split over threads (``worker/inference/member_threads.py``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.inference.member_threads import member_groups, member_thread_count
+
+
+@pytest.mark.parametrize(
+    ("shares", "groups", "expected"),
+    [
+        ([8, 8, 7, 7], 2, [[0, 2], [1, 3]]),  # 15 samples each
+        ([3, 2], 2, [[0], [1]]),
+        ([1, 0], 2, [[0]]),  # a member with no samples is left out
+        ([5, 5, 5], 2, [[0, 2], [1]]),
+        ([8, 8, 7, 7], 1, [[0, 1, 2, 3]]),
+        ([4, 4, 4, 4], 4, [[0], [1], [2], [3]]),
+    ],
+)
+def test_members_are_grouped_by_samples(
+    shares: list[int], groups: int, expected: list[list[int]]
+) -> None:
+    assert member_groups(shares, groups) == expected
+
+
+@pytest.mark.parametrize(
+    ("threads", "members", "count"),
+    [(2, 4, 2), (1, 4, 1), (2, 1, 1), (16, 4, 4), (6, 4, 3), (3, 2, 1), (4, 2, 2)],
+)
+def test_member_thread_count(threads: int, members: int, count: int) -> None:
+    assert member_thread_count(threads, members) == count
