@@ -9,9 +9,10 @@ each other. Measured (2026-12-04, 2 cores, Intel Xeon with AMX, the default four
 ensemble in bfloat16, 512 dev posts, N = 30, three interleaved rounds, one process): full MC
 25.3-27.4 posts/s one member after another in batches of 64, 31.3-33.4 with two member threads
 (1.18-1.26x), 31.1-34.3 against 37.3-39.1 in batches of 256; fast MC 38.2-42.5 against 45.9-47.0
-in batches of 64, 49.2-53.2 against 57.6-63.6 in 256. Splitting the batch instead (two engines on its two halves) made smaller, more padded
-passes and gained little (docs/performance.md); splitting the members keeps every pass as it was:
-the same posts, widths and token budget, and no second copy of any model.
+in batches of 64, 49.2-53.2 against 57.6-63.6 in 256. Splitting the batch instead (two engines
+on its two halves) made smaller, more padded passes and gained little (docs/performance.md);
+splitting the members keeps every pass as it was: the same posts, widths and token budget, and
+no second copy of any model.
 
 The members' samples go into one accumulator under a lock (a sample's sums are added in one
 step). Used by unseeded engines only: the dropout masks come from torch's one generator, which
