@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
+from concurrent.futures import ThreadPoolExecutor
 
-from worker.inference.member_threads import member_groups, member_thread_count
+import pytest
+import torch
+
+from worker.inference.member_threads import MemberThreads, member_groups, member_thread_count
 
 
 @pytest.mark.parametrize(
@@ -30,3 +33,20 @@ def test_members_are_grouped_by_samples(
 )
 def test_member_thread_count(threads: int, members: int, count: int) -> None:
     assert member_thread_count(threads, members) == count
+
+
+def test_member_threads_run_one_torch_thread_each_and_leave_the_default_alone() -> None:
+    """The pool's threads sample with their share (1 on 2 threads); a thread started afterwards
+    still gets the process's count (torch.set_num_threads also sets what new threads take)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        members = MemberThreads(2, 2)
+        inside = set(members.pool.map(lambda _: torch.get_num_threads(), range(8)))
+        assert inside == {1}
+        with ThreadPoolExecutor(1) as fresh:
+            assert fresh.submit(torch.get_num_threads).result() == 2
+        assert torch.get_num_threads() == 2
+        members.pool.shutdown()
+    finally:
+        torch.set_num_threads(before)

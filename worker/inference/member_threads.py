@@ -78,16 +78,29 @@ def member_thread_count(threads: int, members: int) -> int:
     return max(g for g in range(1, min(threads, members) + 1) if threads % g == 0)
 
 
+def _threads_of_this_thread(n: int) -> None:
+    """A pool thread's initializer: torch's per-thread setup first (it would otherwise copy the
+    process default over ``n`` at the thread's first op), then ``n`` threads."""
+    torch.get_num_threads()
+    torch.set_num_threads(n)
+
+
 class MemberThreads:
     """The pool the member groups run on: ``count`` threads with ``threads // count`` torch
-    threads each (set once per thread: setting it clears oneDNN's compiled kernels)."""
+    threads each, set once per thread (setting it clears oneDNN's compiled kernels). The threads
+    start here, and the process default that ``torch.set_num_threads`` also sets (what threads
+    started later take) is given back afterwards."""
 
     def __init__(self, count: int, threads: int) -> None:
         self.count = count
         self.threads_each = max(1, threads // count)
+        before = torch.get_num_threads()
         self.pool = ThreadPoolExecutor(
             count,
             thread_name_prefix="emoworker-members",
-            initializer=torch.set_num_threads,
+            initializer=_threads_of_this_thread,
             initargs=(self.threads_each,),
         )
+        started = threading.Barrier(count)  # one task per thread: every thread starts now
+        list(self.pool.map(lambda _: started.wait(), range(count)))
+        torch.set_num_threads(before)
