@@ -29,7 +29,7 @@ def test_members_are_grouped_by_samples(
 
 @pytest.mark.parametrize(
     ("threads", "members", "count"),
-    [(2, 4, 2), (1, 4, 1), (2, 1, 1), (16, 4, 4), (6, 4, 3), (3, 2, 1), (4, 2, 2)],
+    [(2, 4, 2), (1, 4, 1), (2, 1, 1), (3, 4, 3), (4, 4, 4), (16, 4, 1), (6, 4, 1), (3, 2, 1)],
 )
 def test_member_thread_count(threads: int, members: int, count: int) -> None:
     assert member_thread_count(threads, members) == count

@@ -53,7 +53,7 @@ import math
 import warnings
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 import torch
@@ -322,8 +322,9 @@ class McDropoutEngine:
                 for i in members:
                     self._sample(self.sampling_models[i], token_ids, rows, shares[i], shared)
 
-        futures = [self.member_threads.pool.submit(sample_group, g) for g in groups]
+        futures: list[Future[None]] = []
         try:
+            futures += [self.member_threads.pool.submit(sample_group, g) for g in groups]
             for future in futures:
                 future.result()
         finally:

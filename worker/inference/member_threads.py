@@ -29,6 +29,8 @@ import torch
 
 from worker.inference.uncertainty import McAccumulator
 
+STARTUP_TIMEOUT_S = 60.0  # the pool's threads must all start within this
+
 
 class SampleSink(Protocol):
     """Where ``McDropoutEngine._sample`` puts its samples."""
@@ -71,11 +73,11 @@ def member_groups(shares: list[int], groups: int) -> list[list[int]]:
 
 def member_thread_count(threads: int, members: int) -> int:
     """Threads to sample an ensemble of ``members`` on, given ``threads`` torch threads: one per
-    thread up to one per member, and a divisor of ``threads`` (each gets the same share); 1 (no
-    member threads) when either is below 2."""
-    if threads < 2 or members < 2:
-        return 1
-    return max(g for g in range(1, min(threads, members) + 1) if threads % g == 0)
+    torch thread, each single-threaded, when there are 2 to ``members`` threads; else 1 (no member
+    threads). With more threads than members each group would run an OpenMP team of its own
+    beside the calling thread's, more OpenMP threads than CPUs, which GNU OpenMP runs throttled
+    (``model_thread.py``); that arrangement was not measured."""
+    return threads if 2 <= threads <= members else 1
 
 
 def _threads_of_this_thread(n: int) -> None:
@@ -101,6 +103,11 @@ class MemberThreads:
             initializer=_threads_of_this_thread,
             initargs=(self.threads_each,),
         )
-        started = threading.Barrier(count)  # one task per thread: every thread starts now
-        list(self.pool.map(lambda _: started.wait(), range(count)))
-        torch.set_num_threads(before)
+        started = threading.Barrier(count, timeout=STARTUP_TIMEOUT_S)  # one task per thread
+        try:
+            list(self.pool.map(lambda _: started.wait(), range(count)))
+        except BaseException:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            torch.set_num_threads(before)
