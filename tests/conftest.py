@@ -26,16 +26,26 @@ def kafka() -> Iterator[KafkaCluster]:
         yield cluster
 
 
+def _torch_threads(n: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """The test machine's cores are shared: one torch thread avoids OpenMP spinning on the
     small ops of these tests (measured 20x faster than two threads under load)."""
-    import torch
+    yield from _torch_threads(1)
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+@pytest.fixture
+def two_torch_threads() -> Iterator[None]:
+    """Two torch threads for one test (what the engine's member threads need)."""
+    yield from _torch_threads(2)
 
 
 @pytest.fixture(scope="session")

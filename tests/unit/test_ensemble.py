@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -135,14 +134,6 @@ def test_the_samples_are_split_evenly_over_the_members(
     assert deterministic is not None
     # the MC mean of the first member's features lies near its deterministic features
     assert np.abs(with_features.features - deterministic).mean() < 0.1
-
-
-@pytest.fixture
-def two_torch_threads() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
 
 
 def without_noise(classifier: Classifier) -> None:

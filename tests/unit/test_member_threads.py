@@ -35,18 +35,14 @@ def test_member_thread_count(threads: int, members: int, count: int) -> None:
     assert member_thread_count(threads, members) == count
 
 
+@pytest.mark.usefixtures("two_torch_threads")
 def test_member_threads_run_one_torch_thread_each_and_leave_the_default_alone() -> None:
-    """The pool's threads sample with their share (1 on 2 threads); a thread started afterwards
-    still gets the process's count (torch.set_num_threads also sets what new threads take)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        members = MemberThreads(2, 2)
-        inside = set(members.pool.map(lambda _: torch.get_num_threads(), range(8)))
-        assert inside == {1}
-        with ThreadPoolExecutor(1) as fresh:
-            assert fresh.submit(torch.get_num_threads).result() == 2
-        assert torch.get_num_threads() == 2
-        members.pool.shutdown()
-    finally:
-        torch.set_num_threads(before)
+    """The pool's threads sample on one torch thread each; a thread started afterwards still
+    gets the process's count (torch.set_num_threads also sets what new threads take)."""
+    members = MemberThreads(2)
+    inside = set(members.pool.map(lambda _: torch.get_num_threads(), range(8)))
+    assert inside == {1}
+    with ThreadPoolExecutor(1) as fresh:
+        assert fresh.submit(torch.get_num_threads).result() == 2
+    assert torch.get_num_threads() == 2
+    members.pool.shutdown()

@@ -16,8 +16,8 @@ Arrangement (what measured fastest on CPU; see ``emoworker bench``):
    weights and passes padded to a few row counts (``fused_layers.py``: 1.26x for full MC in the
    bench on an Intel Xeon with AMX); an unseeded engine measures them against the model's own
    layers at start-up and keeps the faster;
-6. on the CPU, an unseeded ensemble samples its members at once, each group on a thread with its
-   share of the torch threads (``member_threads.py``: 1.18-1.26x for full MC in batches of 64 on
+6. on the CPU, an unseeded ensemble samples its members at once, each group on a thread of one
+   torch thread (``member_threads.py``: 1.18-1.26x for full MC in batches of 64 on
    2 cores).
 
 Modes:
@@ -186,7 +186,7 @@ class McDropoutEngine:
         # an unseeded ensemble on the CPU samples its members at once (member_threads.py)
         count = member_thread_count(torch.get_num_threads(), len(self.sampling_models))
         self.member_threads = (
-            MemberThreads(count, torch.get_num_threads())
+            MemberThreads(count)
             if config.member_threads
             and count > 1
             and config.seed is None
@@ -308,7 +308,7 @@ class McDropoutEngine:
         for j in range(n % k):
             shares[(self._turn + j) % k] += 1
         self._turn = (self._turn + n % k) % k
-        groups = member_groups(shares, self.member_threads.count if self.member_threads else 1)
+        groups = member_groups(shares, self.member_threads.count) if self.member_threads else []
         if self.member_threads is None or len(groups) < 2:
             for model, share in zip(self.sampling_models, shares, strict=True):
                 if share:

@@ -1,5 +1,5 @@
 """An ensemble's members sampled at once on the CPU, each group of members on a thread of its own
-with its share of the torch threads, instead of one member after another with every op split over
+with one torch thread, instead of one member after another with every op split over
 all the threads.
 
 Why: most of an MC pass is small ops (softmax over ~20 keys, layer norms, masks, casts, dropout,
@@ -80,28 +80,24 @@ def member_thread_count(threads: int, members: int) -> int:
     return threads if 2 <= threads <= members else 1
 
 
-def _threads_of_this_thread(n: int) -> None:
+def _one_torch_thread() -> None:
     """A pool thread's initializer: torch's per-thread setup first (it would otherwise copy the
-    process default over ``n`` at the thread's first op), then ``n`` threads."""
+    process default over the count at the thread's first op), then one thread."""
     torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(1)
 
 
 class MemberThreads:
-    """The pool the member groups run on: ``count`` threads with ``threads // count`` torch
-    threads each, set once per thread (setting it clears oneDNN's compiled kernels). The threads
-    start here, and the process default that ``torch.set_num_threads`` also sets (what threads
-    started later take) is given back afterwards."""
+    """The pool the member groups run on: ``count`` threads of one torch thread each (set once
+    per thread: setting it clears oneDNN's compiled kernels). The threads start here, and the
+    process default that ``torch.set_num_threads`` also sets (what threads started later take)
+    is given back afterwards."""
 
-    def __init__(self, count: int, threads: int) -> None:
+    def __init__(self, count: int) -> None:
         self.count = count
-        self.threads_each = max(1, threads // count)
         before = torch.get_num_threads()
         self.pool = ThreadPoolExecutor(
-            count,
-            thread_name_prefix="emoworker-members",
-            initializer=_threads_of_this_thread,
-            initargs=(self.threads_each,),
+            count, thread_name_prefix="emoworker-members", initializer=_one_torch_thread
         )
         started = threading.Barrier(count, timeout=STARTUP_TIMEOUT_S)  # one task per thread
         try:
