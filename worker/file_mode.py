@@ -19,6 +19,7 @@ import orjson
 from schemas import SocialPost
 from worker.decoding import DecodeFailure, DecodeLimits, decode_post
 from worker.exit_codes import EXIT_MODEL, FatalError
+from worker.inference.blas_threads import OneBlasThread
 from worker.isolation import FailureIsolation
 from worker.processing import BatchProcessor, BatchTiming, dead_letter_event
 
@@ -114,21 +115,22 @@ def classify_stream(
             on_progress(len(pending))
         pending.clear()
 
-    for number, raw in _lines(source):
-        stats.lines += 1
-        decoded = decode_post(raw, limits)
-        if isinstance(decoded, DecodeFailure):
-            if pending:
-                held.append((number, decoded, raw))
-            else:
-                dead_letter(decoded, raw, number)
-            if on_progress is not None:
-                on_progress(1)
-            continue
-        pending.append((number, decoded, raw))
-        if len(pending) >= batch_size:
-            flush()
-    flush()
+    with OneBlasThread():  # see blas_threads.py
+        for number, raw in _lines(source):
+            stats.lines += 1
+            decoded = decode_post(raw, limits)
+            if isinstance(decoded, DecodeFailure):
+                if pending:
+                    held.append((number, decoded, raw))
+                else:
+                    dead_letter(decoded, raw, number)
+                if on_progress is not None:
+                    on_progress(1)
+                continue
+            pending.append((number, decoded, raw))
+            if len(pending) >= batch_size:
+                flush()
+        flush()
     if failed_inference and not stats.enriched:  # fewer than SYSTEMIC_FAILURES posts, all failed
         raise FatalError(
             f"inference failed for every post of {source_name} ({failed_inference}, each alone; "

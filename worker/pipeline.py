@@ -47,6 +47,7 @@ from worker.feedback.hot_swap import ModelSwitch
 from worker.gc_freeze import freeze_long_lived_objects
 from worker.http import HealthServer
 from worker.inbound import Batch, Inbound
+from worker.inference.blas_threads import OneBlasThread
 from worker.inference.loading import Classifier
 from worker.inference.model_thread import model_thread
 from worker.isolation import Model
@@ -101,6 +102,7 @@ class Pipeline:
         self._stop = asyncio.Event()
         self._fatal: FatalError | None = None
         self._froze_objects = False  # whether this pipeline's freeze was the process's first
+        self._one_blas_thread = OneBlasThread()  # from the model's load to close
         self._batches = 0
         self.models = ModelSwitch(settings, classifier, processor_factory, self._model_thread)
         self._conn: Connection | None = None  # set once connected
@@ -175,6 +177,7 @@ class Pipeline:
     async def _load_model(self) -> Model:
         model = await self.models.load_initial()
         self._froze_objects = freeze_long_lived_objects()
+        self._one_blas_thread.start()
         self.metrics.review_target.set(model.processor.policy.config.target_rate or 0)
         return model
 
@@ -250,6 +253,7 @@ class Pipeline:
             gc.unfreeze()  # (not when the host froze objects of its own: it unfreezes those)
             self._froze_objects = False
         self._cpu_thread.shutdown(wait=False, cancel_futures=True)
+        self._one_blas_thread.stop()
         await asyncio.to_thread(self.tracing.shutdown)  # exports what is queued
         if self.http is not None:
             await self.http.stop()
