@@ -149,6 +149,9 @@ def test_transport_bench_counts_every_post_through_its_reader_process(
     )
     assert result["posts"] == 300
     assert result["seconds"] > 0 and result["posts_per_s"] == pytest.approx(300 / result["seconds"])
+    # every batch's time on the model thread, summed: some, and within the timed run (its
+    # start is seen by polling every 10 ms)
+    assert 0 < result["model_busy_seconds"] < result["seconds"] + 0.05
 
 
 def test_fidelity_of_one_deterministic_pass_has_no_spearman() -> None:

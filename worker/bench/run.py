@@ -39,6 +39,7 @@ from worker.bench.streaming import (
     post_messages,
     saturated_throughput,
 )
+from worker.inference.blas_threads import OneBlasThread
 from worker.inference.engine import EngineConfig, McDropoutEngine, McMode, engine_precision
 from worker.inference.loading import Classifier, load_classifier
 from worker.inference.model_thread import model_thread
@@ -241,6 +242,7 @@ async def streaming_benches(
         raw_runs = [await raw_inference()]
         overheads: dict[bool, list[float]] = {False: [], True: []}
         rates: dict[bool, list[float]] = {False: [], True: []}
+        busy: dict[bool, list[float]] = {False: [], True: []}
         for round_ in range(rounds):
             for exactly_once, tag in ((False, "pipeline"), (True, "pipeline-eos")):
                 settings = bench_settings(
@@ -259,12 +261,15 @@ async def streaming_benches(
                 raw_runs.append(await raw_inference())
                 raw_around = (raw_runs[-2] + raw_runs[-1]) / 2
                 rates[exactly_once].append(piped["posts_per_s"])
+                busy[exactly_once].append(piped["model_busy_seconds"] / piped["seconds"])
                 overheads[exactly_once].append(1 - piped["posts_per_s"] / raw_around)
                 log(
                     f"pipeline ({mode}{', exactly-once' if exactly_once else ''}, round "
                     f"{round_ + 1}/{rounds}): {piped['posts_per_s']:.2f} posts/s through Kafka "
                     f"vs {raw_around:.2f} raw inference ({raw_runs[-2]:.2f} before, "
-                    f"{raw_runs[-1]:.2f} after): overhead {100 * overheads[exactly_once][-1]:.1f}%"
+                    f"{raw_runs[-1]:.2f} after): overhead "
+                    f"{100 * overheads[exactly_once][-1]:.1f}%, model thread busy "
+                    f"{100 * busy[exactly_once][-1]:.1f}% of the run"
                 )
         # what each codec makes of the real events just published (bytes, build time)
         enriched, _ = await read_to_end(pipeline_settings.kafka, pipeline_settings.topics.enriched)
@@ -297,10 +302,13 @@ async def streaming_benches(
             "overhead": statistics.median(overheads[False]),
             "overhead_runs": overheads[False],
             "pipeline_runs_posts_per_s": rates[False],
+            # the model thread's share of each run busy on batches (see saturated_throughput)
+            "model_busy_share_runs": busy[False],
             "exactly_once_posts_per_s": rates[True][median_round(overheads[True])],
             "exactly_once_overhead": statistics.median(overheads[True]),
             "exactly_once_overhead_runs": overheads[True],
             "exactly_once_runs_posts_per_s": rates[True],
+            "exactly_once_model_busy_share_runs": busy[True],
         }
         log(
             f"pipeline overhead, median of {rounds}: {100 * out['pipeline']['overhead']:.1f}% "
@@ -335,8 +343,9 @@ async def streaming_benches(
 
 def run_bench(options: BenchOptions, log: Callable[[str], Any] = print) -> dict[str, Any]:
     # every step that runs the model runs on one thread, the pipelines' included: a second
-    # thread running torch would slow both down (worker/inference/model_thread.py)
-    with model_thread() as executor:
+    # thread running torch would slow both down (worker/inference/model_thread.py); numpy's
+    # OpenBLAS on one thread, as in the worker (worker/inference/blas_threads.py)
+    with model_thread() as executor, OneBlasThread():
         return _run_bench(options, log, executor)
 
 
