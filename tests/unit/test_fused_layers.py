@@ -210,3 +210,26 @@ def test_a_configured_budget_still_measures_the_layers(
     engine = McDropoutEngine(test_classifier, config)
     assert engine.budget_choice is None and engine.layer_rates is not None
     assert not engine.fused_layers
+
+
+def test_an_mc_engine_samples_with_the_fast_masks_after_a_deterministic_one(
+    test_model_dir: Path, fused_calls: list[int]
+) -> None:
+    """The bfloat16 twin is copied once per model: when one deterministic pass (mode off, which
+    installs no fast dropout) made it first, as ``emoworker train`` does before its MC run, the
+    MC engines after it still sample through the fast masks, the same with and without the fused
+    layers (a twin left with torch's dropout drew other masks: means 0.075 apart)."""
+    classifier = load_classifier(ModelSettings(path=str(test_model_dir), device="cpu"))
+    token_ids = classifier.tokenize(EXAMPLE_TEXTS[:8])
+    McDropoutEngine(classifier, EngineConfig(mode="off", precision="bf16")).predict(token_ids)
+
+    def summary(fused: bool) -> np.ndarray:
+        config = EngineConfig(n_samples=8, seed=11, precision="bf16", fused_layers=fused)
+        return McDropoutEngine(classifier, config).predict(token_ids).mean
+
+    plain = summary(False)
+    twin = low_precision_copy(classifier.model, torch.bfloat16)
+    assert not [m for m in twin.modules() if type(m) is torch.nn.Dropout]
+    fused = summary(True)
+    assert fused_calls
+    assert np.abs(fused - plain).max() < 0.02  # as in the test above

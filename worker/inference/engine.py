@@ -207,12 +207,15 @@ class McDropoutEngine:
 
     def _sampling_copy(self, model: nn.Module) -> nn.Module:
         classifier, config = self.classifier, self.config
-        if classifier.device.type == "cpu" and config.fast_dropout and self.mode != "off":
+        fast = classifier.device.type == "cpu" and config.fast_dropout and self.mode != "off"
+        if fast:
             install_fast_dropout(model)
         if uses_int8(classifier, config, self.mode):
             return int8_copy(model)
         if (dtype := DTYPES.get(self.precision)) is not None:  # only with float parameters
             twin = low_precision_copy(model, dtype)
+            if fast:  # a twin copied earlier for one deterministic pass has torch's dropout
+                install_fast_dropout(twin)
             if dtype is torch.bfloat16 and self.device.type == "cpu" and self.mode != "off":
                 install_fused_layers(twin, encoder_layers(twin))
             return twin
