@@ -71,6 +71,20 @@ def test_one_thread_between_start_and_stop_then_the_hosts_setting_again(
     assert openblas_threads() == {2}
 
 
+def test_two_holders_in_one_process_keep_one_thread_until_the_last_stops(
+    two_openblas_threads: None,
+) -> None:
+    """Two pipelines in one process, the first stopping while the second runs: the second keeps
+    one thread; the host's two come back with the last stop."""
+    first, second = OneBlasThread(), OneBlasThread()
+    first.start()
+    second.start()
+    first.stop()
+    assert openblas_threads() == {1}
+    second.stop()
+    assert openblas_threads() == {2}
+
+
 def test_the_pipeline_runs_openblas_on_one_thread_from_the_models_load_to_close(
     two_openblas_threads: None, test_model_dir: Path, test_classifier: Classifier
 ) -> None:

@@ -16,28 +16,47 @@ torch's, whose threads ``torch.set_num_threads`` owns.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from threadpoolctl import ThreadpoolController
 
+_lock = threading.Lock()
+_holders = 0  # OneBlasThread objects started and not stopped, in the whole process
+_limiter: Any = None  # the process's limit while any is held: the counts from before it
+
 
 class OneBlasThread:
     """Between ``start()`` and ``stop()`` (or in a ``with`` block) every OpenBLAS loaded in the
-    process runs on one thread; ``stop()`` gives back the counts from before, so a host program's
-    own setting survives the worker."""
+    process runs on one thread. The limit is the process's: it holds while any holder has started
+    and not stopped (two pipelines in one process, their starts and stops interleaved), and the
+    last ``stop()`` gives back the counts from before the first start, so a host program's own
+    setting survives the worker."""
 
     def __init__(self) -> None:
-        self._limiter: Any = None
+        self._held = False
 
     def start(self) -> None:
-        if self._limiter is None:
-            openblas = ThreadpoolController().select(internal_api="openblas")
-            self._limiter = openblas.limit(limits=1)
+        global _holders, _limiter
+        with _lock:
+            if self._held:
+                return
+            self._held = True
+            _holders += 1
+            if _limiter is None:
+                openblas = ThreadpoolController().select(internal_api="openblas")
+                _limiter = openblas.limit(limits=1)
 
     def stop(self) -> None:
-        if self._limiter is not None:
-            self._limiter.restore_original_limits()
-            self._limiter = None
+        global _holders, _limiter
+        with _lock:
+            if not self._held:
+                return
+            self._held = False
+            _holders -= 1
+            if _holders == 0 and _limiter is not None:
+                _limiter.restore_original_limits()
+                _limiter = None
 
     def __enter__(self) -> OneBlasThread:
         self.start()
