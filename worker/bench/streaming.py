@@ -152,18 +152,10 @@ async def saturated_throughput(
         # the model thread's time on the batches (inference, OOD signals, routing, events):
         # near the seconds above, the pipeline kept the model busy and any overhead is in the
         # batches themselves (CPU shared with the event loop and the broker), not in waits
-        "model_busy_seconds": histogram_sum(pipeline.metrics.inference_seconds),
+        "model_busy_seconds": pipeline.metrics.registry.get_sample_value(
+            "emoworker_inference_seconds_sum"
+        ),
     }
-
-
-def histogram_sum(histogram: Any) -> float:
-    """The sum of every observation of a prometheus-client histogram."""
-    return sum(
-        sample.value
-        for metric in histogram.collect()
-        for sample in metric.samples
-        if sample.name.endswith("_sum")
-    )
 
 
 async def latency_at_rate(
