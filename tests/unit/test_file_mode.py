@@ -9,7 +9,6 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 import orjson
 import pytest
 import structlog.testing
-import torch
 from support.processors import NanProcessor
 from typer.testing import CliRunner
 
@@ -274,14 +272,6 @@ def test_missing_input_file_error_is_one_line(missing_input_run: Any) -> None:
 
 
 # -- in process: file mode and decode_post agree -------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_file_mode_and_decode_post_give_the_same_dead_letters(
