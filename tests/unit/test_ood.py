@@ -408,3 +408,38 @@ def test_separation_equals_scikit_learn_and_counts_false_alarms_by_hand() -> Non
     # 95 % of 10 OOD posts needs all 10: the cut is the lowest, 0.3; the in-distribution posts
     # scoring 0.3 or more: 0.4, 0.35, 0.8, 0.6, 0.6 -> 5 of 8
     assert result["fpr_at_95_recall"] == 0.625
+
+
+def test_the_batch_walk_counts_py3langids_features_text_by_text() -> None:
+    """Every byte's state from its last ``window`` bytes alone (the batch walk) gives the feature
+    counts of py3langid's own walk over the whole text; one byte less of window does not."""
+    import copy
+
+    from py3langid.langid import visit_counts
+
+    from worker.ood.language import _batch_identifier, _identifier
+    from worker.ood.language_batch import BatchLanguageIdentifier, encode
+
+    batched, reference = _batch_identifier(), _identifier()
+    rng = np.random.default_rng(7)
+    noise = ["".join(map(chr, rng.integers(32, 0x3000, int(n)))) for n in rng.integers(1, 300, 40)]
+    texts = [t for t in MIXED + noise if t]
+    encoded = [encode(t) for t in texts]
+    lengths = np.array([len(e) for e in encoded])
+
+    def counts_of(identifier: BatchLanguageIdentifier) -> list[dict[int, int]]:
+        rows, features, counts = identifier._feature_counts(encoded, lengths)
+        out: list[dict[int, int]] = [{} for _ in texts]
+        for r, f, c in zip(rows.tolist(), features.tolist(), counts.tolist(), strict=True):
+            out[r][f] = c
+        return out
+
+    expected = [
+        dict(visit_counts(reference.tk_nextmove, reference._rowbase, reference.tk_output, e) or {})
+        for e in encoded
+    ]
+    assert batched.window == 6
+    assert counts_of(batched) == expected
+    narrower = copy.copy(batched)
+    narrower.window -= 1
+    assert counts_of(narrower) != expected
