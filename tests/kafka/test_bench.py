@@ -154,6 +154,50 @@ def test_transport_bench_counts_every_post_through_its_reader_process(
     assert 0 < result["model_busy_seconds"] < result["seconds"] + 0.05
 
 
+@pytest.mark.kafka
+def test_default_engine_overhead_runs_both_sides_on_the_same_passes(
+    kafka: Any, test_model_dir: Path, tmp_path: Path
+) -> None:
+    """The overhead of the worker's default engine (full MC, unseeded): the pipeline is given
+    the raw engine's token budget, and each round's overhead is 1 - pipeline / the mean of the
+    raw runs on either side of it."""
+    import asyncio
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from worker.bench.run import default_engine_overhead
+    from worker.inference.loading import load_classifier
+    from worker.settings import ModelSettings
+
+    classifier = load_classifier(ModelSettings(path=str(test_model_dir), device="cpu"))
+    options = BenchOptions(model=str(test_model_dir), data=tmp_path / "unused.tsv", quick=True)
+    lines: list[str] = []
+    with ThreadPoolExecutor(1) as executor:
+        result = asyncio.run(
+            default_engine_overhead(
+                kafka.bootstrap_servers,
+                classifier,
+                list(EXAMPLE_TEXTS) * 4,
+                executor,
+                options,
+                2,
+                str(time.time_ns()),
+                True,
+                lines.append,
+            )
+        )
+    assert result["mc_mode"] == "full" and result["seeded"] is False
+    assert result["posts"] == 4 * len(EXAMPLE_TEXTS) and result["rounds"] == 2
+    assert result["tokens_per_forward"] in CANDIDATES  # measured by the unseeded raw engine
+    raw, piped = result["raw_inference_runs"], result["pipeline_runs_posts_per_s"]
+    assert len(raw) == 3 and len(piped) == 2 and min(raw + piped) > 0
+    expected = [1 - p / ((raw[i] + raw[i + 1]) / 2) for i, p in enumerate(piped)]
+    assert result["overhead_runs"] == pytest.approx(expected)
+    assert result["overhead"] == pytest.approx(float(np.median(expected)))
+    assert all(0 < share <= 1.0 for share in result["model_busy_share_runs"])
+    assert len(lines) == 3 and "median of 2" in lines[-1]
+
+
 def test_fidelity_of_one_deterministic_pass_has_no_spearman() -> None:
     """Constant mutual information (one pass) has no ranking: NaN, without scipy's warning."""
     import warnings

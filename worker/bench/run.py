@@ -315,6 +315,13 @@ async def streaming_benches(
             f"(exactly-once {100 * out['pipeline']['exactly_once_overhead']:.1f}%)"
         )
 
+        # 2b. the same comparison for the engine the worker runs by default (full MC, unseeded:
+        # an ensemble's members sampled at once); the fast seeded one above is kept because
+        # earlier runs measured it
+        out["pipeline_default_engine"] = await default_engine_overhead(
+            bootstrap, classifier, posts, executor, options, rounds, stamp, quick, log
+        )
+
         # 3. latency at half the sustainable rate, and the batch/max-wait trade-off
         sustainable = out["pipeline"]["pipeline_posts_per_s"]
         grid = [(64, 100)] if quick else [(16, 20), (16, 200), (64, 20), (64, 200)]
@@ -339,6 +346,89 @@ async def streaming_benches(
             )
         out["latency"] = latency_rows
     return out
+
+
+async def default_engine_overhead(
+    bootstrap: str,
+    classifier: Classifier,
+    posts: list[str],
+    executor: ThreadPoolExecutor,
+    options: BenchOptions,
+    rounds: int,
+    stamp: str,
+    quick: bool,
+    log: Callable[[str], Any],
+) -> dict[str, Any]:
+    """Pipeline against raw inference for the worker's default engine: full MC, unseeded (members
+    at once), batches of 64. The raw engine is built once, outside the timing (an unseeded engine
+    measures its token budget and fused layers at start), and the pipeline is given its token
+    budget, so both sides run the same passes; the pipeline still measures its fused layers."""
+    batch, n_samples = 64, 4 if quick else options.n_samples
+    tokens = classifier.tokenize(posts)
+    loop = asyncio.get_running_loop()
+    config = EngineConfig(n_samples=n_samples, mode="full")
+    engine = await loop.run_in_executor(executor, McDropoutEngine, classifier, config)
+
+    def timed_raw() -> float:
+        started = time.perf_counter()
+        for start in range(0, len(tokens), batch):
+            engine.predict(tokens[start : start + batch])
+        return len(tokens) / (time.perf_counter() - started)
+
+    model_settings = {
+        "path": options.model,
+        "n_samples": n_samples,
+        "mc_mode": "full",
+        "max_tokens_per_forward": engine.tokens_per_forward,
+    }
+
+    def settings_for(tag: str) -> Any:
+        return bench_settings(
+            bootstrap, f"{tag}-{stamp}", batch_size=batch, batch_max_wait_ms=100,
+            model=model_settings,
+        )  # fmt: skip
+
+    if not quick:  # one untimed run first, as for the fast engine
+        await saturated_throughput(
+            settings_for("default-warm"), classifier, post_messages(posts), executor
+        )
+    raw_runs = [await loop.run_in_executor(executor, timed_raw)]
+    overheads: list[float] = []
+    rates: list[float] = []
+    busy: list[float] = []
+    for round_ in range(rounds):
+        piped = await saturated_throughput(
+            settings_for(f"default{round_}"), classifier, post_messages(posts), executor
+        )
+        raw_runs.append(await loop.run_in_executor(executor, timed_raw))
+        raw_around = (raw_runs[-2] + raw_runs[-1]) / 2
+        rates.append(piped["posts_per_s"])
+        busy.append(piped["model_busy_seconds"] / piped["seconds"])
+        overheads.append(1 - piped["posts_per_s"] / raw_around)
+        log(
+            f"pipeline (default engine: full, unseeded, round {round_ + 1}/{rounds}): "
+            f"{piped['posts_per_s']:.2f} posts/s through Kafka vs {raw_around:.2f} raw inference: "
+            f"overhead {100 * overheads[-1]:.1f}%, model thread busy {100 * busy[-1]:.1f}%"
+        )
+    overhead = statistics.median(overheads)
+    result: dict[str, Any] = {
+        "mc_mode": "full",
+        "seeded": False,
+        "precision": engine.precision,
+        "tokens_per_forward": engine.tokens_per_forward,
+        "raw_fused_layers": engine.fused_layers,
+        "member_threads": engine.member_threads is not None,
+        "posts": len(posts),
+        "batch_size": batch,
+        "rounds": rounds,
+        "raw_inference_runs": raw_runs,
+        "pipeline_runs_posts_per_s": rates,
+        "overhead": overhead,
+        "overhead_runs": overheads,
+        "model_busy_share_runs": busy,
+    }
+    log(f"pipeline overhead, default engine, median of {rounds}: {100 * overhead:.1f}%")
+    return result
 
 
 def run_bench(options: BenchOptions, log: Callable[[str], Any] = print) -> dict[str, Any]:
