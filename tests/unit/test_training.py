@@ -21,9 +21,11 @@ from worker.settings import ModelSettings
 from worker.training.evaluation import predict_texts
 from worker.training.goemotions import read_tsv
 from worker.training.metrics import (
+    THRESHOLD_GRID,
     binarize,
     classification_report,
     macro_f1,
+    shared_threshold,
     split_half_macro_f1,
     tune_thresholds,
 )
@@ -108,13 +110,35 @@ def test_threshold_tuning_maximises_each_labels_f1() -> None:
     rng = np.random.default_rng(0)
     targets = (rng.random((400, 3)) < [0.1, 0.3, 0.5]).astype(int)
     probs = np.clip(targets * 0.3 + rng.random((400, 3)) * 0.7, 0, 1)
-    tuned = tune_thresholds(targets, probs)
+    tuned = tune_thresholds(targets, probs, shrink_posts=0)
     for j in range(3):
         best = max(f1_score(targets[:, j], probs[:, j] >= t) for t in np.arange(0.01, 1, 0.01))
         assert f1_score(targets[:, j], probs[:, j] >= tuned[j]) == pytest.approx(best)
     honest, half_b, half_a = split_half_macro_f1(targets, probs)
     assert honest == pytest.approx((half_a + half_b) / 2)
     assert honest <= macro_f1(targets, binarize(probs, tuned)) + 1e-9
+
+
+def test_thresholds_shrink_toward_the_shared_one_by_how_few_positives_a_label_has() -> None:
+    rng = np.random.default_rng(3)
+    targets = (rng.random((2000, 3)) < [0.005, 0.05, 0.4]).astype(int)  # ~10, 100, 800 positives
+    targets[:, 0] = 0
+    targets[:5, 0] = 1  # 5 positives
+    probs = np.clip(targets * 0.35 + rng.random((2000, 3)) * 0.65, 0, 1)
+    own = tune_thresholds(targets, probs, shrink_posts=0)
+    shared = shared_threshold(targets, probs)
+    best = max(macro_f1(targets, binarize(probs, t)) for t in THRESHOLD_GRID)
+    assert macro_f1(targets, binarize(probs, shared)) == pytest.approx(best)
+    shrunk = tune_thresholds(targets, probs, shrink_posts=100)
+    positives = targets.sum(axis=0)
+    weight = positives / (positives + 100)
+    assert shrunk == pytest.approx(weight * own + (1 - weight) * shared)
+    assert weight[0] < 0.05 and weight[2] > 0.85  # a rare label moves nearly all the way
+    assert abs(shrunk[0] - shared) < 0.05 * abs(own[0] - shared) + 1e-9
+    # no positives: the shared threshold (without shrinking: 0.5)
+    targets[:, 0] = 0
+    assert tune_thresholds(targets, probs)[0] == shared
+    assert tune_thresholds(targets, probs, shrink_posts=0)[0] == 0.5
 
 
 def test_risk_coverage_by_hand() -> None:

@@ -241,18 +241,26 @@ def calibrate(
     output: Annotated[
         Path | None, typer.Option(help="Folder to write the files into; default: the model's.")
     ] = None,
+    tune_thresholds: Annotated[
+        bool,
+        typer.Option(
+            help="Also tune the per-label thresholds again on the same dev MC means (shrunk "
+            "toward one shared threshold) and write thresholds.json and the bundle's dev figures."
+        ),
+    ] = False,
 ) -> None:
     """Fit what a model learns from dev beyond its thresholds and store it beside its weights:
     the out-of-distribution signals (ood.json: density on train, references and cut on dev) and
-    the routing (calibration.json, and selector.json when the learned score measures better)."""
+    the routing (calibration.json, and selector.json when the learned score measures better);
+    with --tune-thresholds, the thresholds first."""
     require_extra("train", "emoworker calibrate")
     from rich.progress import Progress
 
     from worker.datasets import default_data_dir, missing_data_message
     from worker.inference.engine import EngineConfig
     from worker.inference.loading import load_classifier
-    from worker.training.calibrate import fit_calibration, write_fitted
-    from worker.training.evaluation import predict_texts
+    from worker.training.calibrate import fit_calibration, write_fitted, write_tuned_thresholds
+    from worker.training.evaluation import calibration_report, predict_texts
     from worker.training.goemotions import load_dataset_dir
     from worker.training.ood_fit import middle_layer
 
@@ -279,6 +287,9 @@ def calibrate(
             bar.advance(task, k)
 
         mc = predict_texts(classifier, dev_split.texts, engine_config=engine, progress=step)
+        report = calibration_report(dev_split.targets, mc.mean) if tune_thresholds else None
+        if report is not None:  # the routing is fitted around the new thresholds
+            classifier.thresholds = report["thresholds"]
         ood, routing = fit_calibration(
             classifier,
             train_split,
@@ -290,6 +301,8 @@ def calibrate(
             progress=step,
         )
     write_fitted(target, ood, routing, classifier.label_names)
+    if report is not None:
+        write_tuned_thresholds(target, classifier.label_names, report, routing.measured)
     r = routing.measured
     err.print(
         f"written to {target}: OOD signals {', '.join(ood.signals)}, cut {ood.cut:.3f} "

@@ -4,7 +4,9 @@ train``, ``emoworker bundle combine`` and ``emoworker calibrate``:
 1. the out-of-distribution signals (``ood_fit.py``: density on the first model's train features,
    references and cut on dev);
 2. the routing (``selector_fit.py``: per-label calibration of the MC means, and the learned score
-   when it beats the calibrated expected risk, cross-fitted on dev).
+   when it beats the calibrated expected risk, cross-fitted on dev);
+3. with ``emoworker calibrate --tune-thresholds``, the thresholds again (``metrics.py``), written
+   with the bundle's dev figures.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from worker.bundle import BUNDLE_FILE, THRESHOLDS_FILE, BundleManifest, is_bundle, write_thresholds
 from worker.inference.engine import EngineConfig
 from worker.inference.loading import Classifier
 from worker.inference.uncertainty import McSummary
 from worker.ood.calibration import OodCalibration, write_calibration
 from worker.training.goemotions import LabelledSplit
+from worker.training.metrics import SHRINK_POSTS
 from worker.training.ood_fit import fit_ood
 from worker.training.selector_fit import Routing, fit_routing, write_routing
 
@@ -53,3 +57,22 @@ def fit_calibration(
 def write_fitted(folder: Path, ood: OodCalibration, routing: Routing, labels: list[str]) -> None:
     write_calibration(folder, ood)
     write_routing(folder, routing, labels)
+
+
+def write_tuned_thresholds(
+    folder: Path, labels: list[str], report: dict[str, Any], routing: dict[str, Any]
+) -> None:
+    """Thresholds tuned again on dev (``calibration_report``) into ``folder``, and, when it is a
+    bundle, the dev figures that go with them into its manifest."""
+    write_thresholds(folder / THRESHOLDS_FILE, labels, report["thresholds"])
+    if not is_bundle(folder):
+        return
+    manifest = BundleManifest.read(folder)
+    manifest.metrics |= {
+        "thresholds": f"tuned on dev, shrunk toward one shared threshold ({SHRINK_POSTS:g} posts)",
+        "mc_macro_f1_at_0.5": report["macro_f1_at_0.5"],
+        "mc_macro_f1_tuned_on_dev": report["macro_f1_tuned"],
+        "mc_macro_f1_split_half": report["macro_f1_split_half"],
+        "routing": routing,
+    }
+    (folder / BUNDLE_FILE).write_text(manifest.to_json(), encoding="utf-8")

@@ -8,6 +8,7 @@ import numpy as np
 from sklearn.metrics import precision_recall_fscore_support
 
 THRESHOLD_GRID = np.round(np.arange(0.01, 1.0, 0.01), 2)
+SHRINK_POSTS = 100.0  # per-label thresholds shrunk toward one shared threshold (tune_thresholds)
 
 
 def binarize(probs: np.ndarray, thresholds: np.ndarray | float) -> np.ndarray:
@@ -33,21 +34,46 @@ def per_label_f1_grid(targets: np.ndarray, probs: np.ndarray, grid: np.ndarray) 
     return out
 
 
-def tune_thresholds(
+def shared_threshold(
     targets: np.ndarray, probs: np.ndarray, grid: np.ndarray = THRESHOLD_GRID
+) -> float:
+    """The one threshold in ``grid`` that, applied to every label, maximises macro-F1."""
+    scores = [macro_f1(targets, binarize(probs, t)) for t in grid]
+    return float(grid[int(np.argmax(scores))])
+
+
+def tune_thresholds(
+    targets: np.ndarray,
+    probs: np.ndarray,
+    grid: np.ndarray = THRESHOLD_GRID,
+    shrink_posts: float = SHRINK_POSTS,
 ) -> np.ndarray:
-    """Per label, the threshold in ``grid`` that maximises that label's F1.
+    """Per label, the threshold in ``grid`` that maximises that label's F1, shrunk toward the
+    shared threshold (``shared_threshold``) by as much as the label has few positives:
+
+        t[l] = w t_own[l] + (1 - w) t_shared,   w = positives[l] / (positives[l] + shrink_posts)
+
+    A label's own optimum on a few dozen positives is mostly noise (on GoEmotions dev, grief has
+    13 and relief 18; two MC draws of the same model moved the tuned thresholds by up to 0.15).
+    Measured on the default ensemble's dev MC means (thresholds tuned on 4/5 of dev, scored on
+    the other fifth, 5 folds x 8 seeds), ``shrink_posts`` = 100 against none: macro-F1 +0.010
+    (0.508 -> 0.518; 30: +0.007, 300: +0.008, one shared threshold alone: +0.006), per-post F1
+    +0.003. ``shrink_posts`` = 0 gives each label its own optimum.
 
     Ties go to the threshold nearest the middle of the tied run, which is steadier on unseen data
-    than the first or last of a flat optimum. Labels with no positives keep 0.5.
+    than the first or last of a flat optimum. A label with no positives takes the shared one.
     """
     f1 = per_label_f1_grid(targets, probs, grid)
-    thresholds = np.full(targets.shape[1], 0.5)
+    shared = shared_threshold(targets, probs, grid) if shrink_posts > 0 else 0.5
+    positives = targets.sum(axis=0).astype(np.float64)
+    thresholds = np.full(targets.shape[1], shared)
     for j in range(targets.shape[1]):
-        if targets[:, j].sum() == 0:
+        if positives[j] == 0:
             continue
         best = np.flatnonzero(np.isclose(f1[:, j], f1[:, j].max()))
-        thresholds[j] = grid[best[len(best) // 2]]
+        own = float(grid[best[len(best) // 2]])
+        weight = positives[j] / (positives[j] + shrink_posts)
+        thresholds[j] = weight * own + (1.0 - weight) * shared
     return thresholds
 
 
