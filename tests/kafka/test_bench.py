@@ -194,7 +194,8 @@ def test_default_engine_overhead_runs_both_sides_on_the_same_passes(
     expected = [1 - p / ((raw[i] + raw[i + 1]) / 2) for i, p in enumerate(piped)]
     assert result["overhead_runs"] == pytest.approx(expected)
     assert result["overhead"] == pytest.approx(float(np.median(expected)))
-    assert all(0 < share <= 1.0 for share in result["model_busy_share_runs"])
+    # busy seconds against a run timed from a 10 ms poll of readiness: a little slack above 1
+    assert all(0 < share < 1.1 for share in result["model_busy_share_runs"])
     assert len(lines) == 3 and "median of 2" in lines[-1]
 
 

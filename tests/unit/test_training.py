@@ -135,10 +135,12 @@ def test_thresholds_shrink_toward_the_shared_one_by_how_few_positives_a_label_ha
     assert shrunk == pytest.approx(weight * own + (1 - weight) * shared)
     assert weight[0] < 0.05 and weight[2] > 0.85  # a rare label moves nearly all the way
     assert abs(shrunk[0] - shared) < 0.05 * abs(own[0] - shared) + 1e-9
-    # no positives: the shared threshold (without shrinking: 0.5)
+    # no positives: the shared threshold of these targets (without shrinking: 0.5)
     targets[:, 0] = 0
-    assert tune_thresholds(targets, probs)[0] == shared
+    assert tune_thresholds(targets, probs)[0] == shared_threshold(targets, probs)
     assert tune_thresholds(targets, probs, shrink_posts=0)[0] == 0.5
+    # nothing to go on at all: every label at 0.5, not at the grid's first value
+    assert tune_thresholds(np.zeros_like(targets), probs).tolist() == [0.5] * 3
 
 
 def test_risk_coverage_by_hand() -> None:

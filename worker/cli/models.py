@@ -280,16 +280,22 @@ def calibrate(
         precision=m.precision,
         feature_layer=middle_layer(classifier),
     )
+    dev_passes = 2 if tune_thresholds else 1
     with Progress(console=err, transient=True) as bar:
-        task = bar.add_task("calibrating", total=2 * len(dev_split) + len(train_split))
+        task = bar.add_task(
+            "calibrating", total=(dev_passes + 1) * len(dev_split) + len(train_split)
+        )
 
         def step(k: int) -> None:
             bar.advance(task, k)
 
         mc = predict_texts(classifier, dev_split.texts, engine_config=engine, progress=step)
         report = calibration_report(dev_split.targets, mc.mean) if tune_thresholds else None
-        if report is not None:  # the routing is fitted around the new thresholds
+        if report is not None:
+            # the routing is fitted around the new thresholds: the flip rates (a feature of the
+            # learned score) count samples against them, so the same seeded pass runs again
             classifier.thresholds = report["thresholds"]
+            mc = predict_texts(classifier, dev_split.texts, engine_config=engine, progress=step)
         ood, routing = fit_calibration(
             classifier,
             train_split,
@@ -301,8 +307,10 @@ def calibrate(
             progress=step,
         )
     write_fitted(target, ood, routing, classifier.label_names)
-    if report is not None:
-        write_tuned_thresholds(target, classifier.label_names, report, routing.measured)
+    if report is not None and not write_tuned_thresholds(
+        target, classifier.label_names, report, routing.measured
+    ):
+        err.print(f"{target} is no bundle: its dev figures were not written (thresholds.json was)")
     r = routing.measured
     err.print(
         f"written to {target}: OOD signals {', '.join(ood.signals)}, cut {ood.cut:.3f} "

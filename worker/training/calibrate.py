@@ -61,12 +61,12 @@ def write_fitted(folder: Path, ood: OodCalibration, routing: Routing, labels: li
 
 def write_tuned_thresholds(
     folder: Path, labels: list[str], report: dict[str, Any], routing: dict[str, Any]
-) -> None:
+) -> bool:
     """Thresholds tuned again on dev (``calibration_report``) into ``folder``, and, when it is a
-    bundle, the dev figures that go with them into its manifest."""
+    bundle, the dev figures that go with them into its manifest; False when it is not one."""
     write_thresholds(folder / THRESHOLDS_FILE, labels, report["thresholds"])
     if not is_bundle(folder):
-        return
+        return False
     manifest = BundleManifest.read(folder)
     manifest.metrics |= {
         "thresholds": f"tuned on dev, shrunk toward one shared threshold ({SHRINK_POSTS:g} posts)",
@@ -76,3 +76,4 @@ def write_tuned_thresholds(
         "routing": routing,
     }
     (folder / BUNDLE_FILE).write_text(manifest.to_json(), encoding="utf-8")
+    return True

@@ -34,12 +34,20 @@ def per_label_f1_grid(targets: np.ndarray, probs: np.ndarray, grid: np.ndarray) 
     return out
 
 
+def _middle_of_best(scores: np.ndarray, grid: np.ndarray) -> float:
+    """The grid value at the middle of the run of best ``scores`` (steadier on unseen data than
+    the first or last of a flat optimum)."""
+    best = np.flatnonzero(np.isclose(scores, scores.max()))
+    return float(grid[best[len(best) // 2]])
+
+
 def shared_threshold(
     targets: np.ndarray, probs: np.ndarray, grid: np.ndarray = THRESHOLD_GRID
 ) -> float:
-    """The one threshold in ``grid`` that, applied to every label, maximises macro-F1."""
-    scores = [macro_f1(targets, binarize(probs, t)) for t in grid]
-    return float(grid[int(np.argmax(scores))])
+    """The one threshold in ``grid`` that, applied to every label, maximises macro-F1 (the mean
+    of the labels' F1, a label with no positives and no predictions counting 0, as
+    scikit-learn's ``zero_division=0``); 0.5 when there is nothing to go on (no positives)."""
+    return _middle_of_best(per_label_f1_grid(targets, probs, grid).mean(axis=1), grid)
 
 
 def tune_thresholds(
@@ -55,23 +63,23 @@ def tune_thresholds(
 
     A label's own optimum on a few dozen positives is mostly noise (on GoEmotions dev, grief has
     13 and relief 18; two MC draws of the same model moved the tuned thresholds by up to 0.15).
-    Measured on the default ensemble's dev MC means (thresholds tuned on 4/5 of dev, scored on
-    the other fifth, 5 folds x 8 seeds), ``shrink_posts`` = 100 against none: macro-F1 +0.010
-    (0.508 -> 0.518; 30: +0.007, 300: +0.008, one shared threshold alone: +0.006), per-post F1
-    +0.003. ``shrink_posts`` = 0 gives each label its own optimum.
+    Measured on two MC draws of the default ensemble over dev (thresholds tuned on 4/5 of dev,
+    scored on the other fifth, 5 folds x 20 seeds each), ``shrink_posts`` = 100 against none:
+    macro-F1 +0.009 and +0.005 (0.507 -> 0.516, 0.512 -> 0.518), per-post F1 +0.003 and +0.002;
+    30, 300 and 1,000 posts or one shared threshold alone did less (docs/review-routing.md).
+    ``shrink_posts`` = 0 gives each label its own optimum.
 
-    Ties go to the threshold nearest the middle of the tied run, which is steadier on unseen data
-    than the first or last of a flat optimum. A label with no positives takes the shared one.
+    Ties go to the threshold nearest the middle of the tied run. A label with no positives takes
+    the shared threshold (0.5 with ``shrink_posts`` = 0).
     """
     f1 = per_label_f1_grid(targets, probs, grid)
-    shared = shared_threshold(targets, probs, grid) if shrink_posts > 0 else 0.5
+    shared = _middle_of_best(f1.mean(axis=1), grid) if shrink_posts > 0 else 0.5
     positives = targets.sum(axis=0).astype(np.float64)
     thresholds = np.full(targets.shape[1], shared)
     for j in range(targets.shape[1]):
         if positives[j] == 0:
             continue
-        best = np.flatnonzero(np.isclose(f1[:, j], f1[:, j].max()))
-        own = float(grid[best[len(best) // 2]])
+        own = _middle_of_best(f1[:, j], grid)
         weight = positives[j] / (positives[j] + shrink_posts)
         thresholds[j] = weight * own + (1.0 - weight) * shared
     return thresholds
