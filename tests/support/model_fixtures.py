@@ -4,10 +4,13 @@ fixed-seed 28-label head, saved as a Hugging Face checkpoint folder (safetensors
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from schemas.labels import GOEMOTIONS_LABELS
+from worker.bundle import WeightsKind
 from worker.training.train import default_base_model
 
 
@@ -49,4 +52,35 @@ def tiny_dataset(
     (folder / "train.tsv").write_text("\n".join(lines[:n_train]) + "\n", encoding="utf-8")
     (folder / "dev.tsv").write_text("\n".join(lines[n_train : n_train + n_dev]) + "\n")
     (folder / "labels.txt").write_text("\n".join(labels) + "\n")
+    return folder
+
+
+def export_test_bundle(
+    model: Any,
+    test_model_dir: Path,
+    folder: Path,
+    kind: WeightsKind,
+    n_samples: int,
+    **metrics: Any,
+) -> Path:
+    """``model`` (on the test model's base) exported as a bundle of ``kind`` into ``folder``:
+    every label at 0.5, full MC with ``n_samples``, posts up to 64 tokens."""
+    from transformers import AutoTokenizer
+
+    from worker.training.export import export_bundle
+
+    export_bundle(
+        model,
+        AutoTokenizer.from_pretrained(test_model_dir),
+        folder,
+        base_model=str(test_model_dir),
+        kind=kind,
+        label_names=list(GOEMOTIONS_LABELS),
+        thresholds=np.full(len(GOEMOTIONS_LABELS), 0.5),
+        metrics=metrics,
+        card="# test bundle\n",
+        n_samples=n_samples,
+        mc_mode="full",
+        max_length=64,
+    )
     return folder

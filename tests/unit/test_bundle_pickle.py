@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
+from support.model_fixtures import export_test_bundle
 
 from schemas.labels import GOEMOTIONS_LABELS
 from worker.inference.loading import ModelLoadError, load_classifier
@@ -22,30 +22,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def lora_bundle(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A bundle with a rank-2 LoRA adapter on the test model (its base, by path)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from worker.training.export import export_bundle
+    from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(test_model_dir)
     lora = LoraConfig(r=2, target_modules=["query", "value"], modules_to_save=["classifier"])
     model = get_peft_model(model, lora)
     folder = tmp_path_factory.mktemp("bundles") / "lora"
-    export_bundle(
-        model,
-        AutoTokenizer.from_pretrained(test_model_dir),
-        folder,
-        base_model=str(test_model_dir),
-        kind="lora",
-        label_names=list(GOEMOTIONS_LABELS),
-        thresholds=np.full(len(GOEMOTIONS_LABELS), 0.5),
-        metrics={},
-        card="# test bundle\n",
-        n_samples=4,
-        mc_mode="full",
-        max_length=64,
-    )
-    return folder
+    return export_test_bundle(model, test_model_dir, folder, "lora", 4)
 
 
 @pytest.fixture

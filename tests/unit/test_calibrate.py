@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from support.model_fixtures import tiny_dataset
+from support.model_fixtures import export_test_bundle, tiny_dataset
 from typer.testing import CliRunner
 
 from schemas.labels import GOEMOTIONS_LABELS
@@ -21,26 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture
 def bundle(test_model_dir: Path, tmp_path: Path) -> Path:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
-    from worker.training.export import export_bundle
-
-    folder = tmp_path / "bundle"
-    export_bundle(
-        AutoModelForSequenceClassification.from_pretrained(test_model_dir),
-        AutoTokenizer.from_pretrained(test_model_dir),
-        folder,
-        base_model=str(test_model_dir),
-        kind="full",
-        label_names=list(GOEMOTIONS_LABELS),
-        thresholds=np.full(len(GOEMOTIONS_LABELS), 0.5),
-        metrics={"split": "dev"},
-        card="# test bundle\n",
-        n_samples=2,
-        mc_mode="full",
-        max_length=64,
-    )
-    return folder
+    model = AutoModelForSequenceClassification.from_pretrained(test_model_dir)
+    return export_test_bundle(model, test_model_dir, tmp_path / "bundle", "full", 2, split="dev")
 
 
 def test_calibrate_tunes_the_thresholds_only_when_asked(bundle: Path, tmp_path: Path) -> None:

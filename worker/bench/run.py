@@ -21,7 +21,7 @@ import torch
 
 from worker.bench.bound import measure_bounds
 from worker.bench.compression import compact_event, compression_table
-from worker.bench.inference import engine_run, run_inference_bench
+from worker.bench.inference import engine_run, predict_in_batches, run_inference_bench
 from worker.bench.ood_cost import ood_cost
 from worker.bench.results import (
     DEFAULT_DEV,
@@ -259,10 +259,10 @@ async def streaming_benches(
                 if not exactly_once:
                     pipeline_settings = settings
                 raw_runs.append(await raw_inference())
-                raw_around = (raw_runs[-2] + raw_runs[-1]) / 2
+                raw_around, busy_share, overhead = against_raw(piped, raw_runs)
                 rates[exactly_once].append(piped["posts_per_s"])
-                busy[exactly_once].append(piped["model_busy_seconds"] / piped["seconds"])
-                overheads[exactly_once].append(1 - piped["posts_per_s"] / raw_around)
+                busy[exactly_once].append(busy_share)
+                overheads[exactly_once].append(overhead)
                 log(
                     f"pipeline ({mode}{', exactly-once' if exactly_once else ''}, round "
                     f"{round_ + 1}/{rounds}): {piped['posts_per_s']:.2f} posts/s through Kafka "
@@ -348,6 +348,15 @@ async def streaming_benches(
     return out
 
 
+def against_raw(piped: dict[str, float], raw_runs: list[float]) -> tuple[float, float, float]:
+    """A pipeline run against the raw inference runs on either side of it (the last two of
+    ``raw_runs``): the raw rate around it, the model thread's busy share of the run, and the
+    pipeline's overhead over that raw rate."""
+    raw_around = (raw_runs[-2] + raw_runs[-1]) / 2
+    busy_share = piped["model_busy_seconds"] / piped["seconds"]
+    return raw_around, busy_share, 1 - piped["posts_per_s"] / raw_around
+
+
 async def default_engine_overhead(
     bootstrap: str,
     classifier: Classifier,
@@ -371,8 +380,7 @@ async def default_engine_overhead(
 
     def timed_raw() -> float:
         started = time.perf_counter()
-        for start in range(0, len(tokens), batch):
-            engine.predict(tokens[start : start + batch])
+        predict_in_batches(engine, tokens, batch)
         return len(tokens) / (time.perf_counter() - started)
 
     model_settings = {
@@ -401,10 +409,10 @@ async def default_engine_overhead(
             settings_for(f"default{round_}"), classifier, post_messages(posts), executor
         )
         raw_runs.append(await loop.run_in_executor(executor, timed_raw))
-        raw_around = (raw_runs[-2] + raw_runs[-1]) / 2
+        raw_around, busy_share, overhead = against_raw(piped, raw_runs)
         rates.append(piped["posts_per_s"])
-        busy.append(piped["model_busy_seconds"] / piped["seconds"])
-        overheads.append(1 - piped["posts_per_s"] / raw_around)
+        busy.append(busy_share)
+        overheads.append(overhead)
         log(
             f"pipeline (default engine: full, unseeded, round {round_ + 1}/{rounds}): "
             f"{piped['posts_per_s']:.2f} posts/s through Kafka vs {raw_around:.2f} raw inference: "

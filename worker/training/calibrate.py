@@ -21,6 +21,7 @@ from worker.inference.engine import EngineConfig
 from worker.inference.loading import Classifier
 from worker.inference.uncertainty import McSummary
 from worker.ood.calibration import OodCalibration, write_calibration
+from worker.training.evaluation import mc_threshold_metrics
 from worker.training.goemotions import LabelledSplit
 from worker.training.metrics import SHRINK_POSTS
 from worker.training.ood_fit import fit_ood
@@ -70,9 +71,7 @@ def write_tuned_thresholds(
     manifest = BundleManifest.read(folder)
     manifest.metrics |= {
         "thresholds": f"tuned on dev, shrunk toward one shared threshold ({SHRINK_POSTS:g} posts)",
-        "mc_macro_f1_at_0.5": report["macro_f1_at_0.5"],
-        "mc_macro_f1_tuned_on_dev": report["macro_f1_tuned"],
-        "mc_macro_f1_split_half": report["macro_f1_split_half"],
+        **mc_threshold_metrics(report),
         "routing": routing,
     }
     (folder / BUNDLE_FILE).write_text(manifest.to_json(), encoding="utf-8")

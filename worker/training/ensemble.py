@@ -35,7 +35,7 @@ from worker.inference.engine import EngineConfig
 from worker.inference.loading import load_classifier
 from worker.settings import ModelSettings
 from worker.training.calibrate import fit_calibration, write_fitted
-from worker.training.evaluation import calibration_report, predict_texts
+from worker.training.evaluation import calibration_report, mc_threshold_metrics, predict_texts
 from worker.training.goemotions import load_dataset_dir
 from worker.training.ood_fit import middle_layer
 
@@ -130,9 +130,7 @@ def combine_bundles(
         "n_samples": n_samples,
         "members": len(paths),
         "first_member_deterministic_macro_f1_split_half": det["macro_f1_split_half"],
-        "mc_macro_f1_at_0.5": report["macro_f1_at_0.5"],
-        "mc_macro_f1_tuned_on_dev": report["macro_f1_tuned"],
-        "mc_macro_f1_split_half": report["macro_f1_split_half"],
+        **mc_threshold_metrics(report),
         "routing": routing.measured,
         "calibration_seconds": round(time.perf_counter() - started, 1),
         "training_data": str(data_dir),

@@ -43,6 +43,16 @@ def predict_texts(
     return concat_summaries(parts)
 
 
+def mc_threshold_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """A bundle manifest's figures of the MC means under ``report``'s thresholds
+    (``calibration_report``)."""
+    return {
+        "mc_macro_f1_at_0.5": report["macro_f1_at_0.5"],
+        "mc_macro_f1_tuned_on_dev": report["macro_f1_tuned"],
+        "mc_macro_f1_split_half": report["macro_f1_split_half"],
+    }
+
+
 def calibration_report(targets: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     """Thresholds tuned on all of ``probs`` and the figures that go with them.
 

@@ -18,7 +18,7 @@ from worker.inference.adapters import OutputAdapter
 from worker.inference.engine import EngineConfig
 from worker.inference.loading import Classifier
 from worker.training.calibrate import fit_calibration, write_fitted
-from worker.training.evaluation import calibration_report, predict_texts
+from worker.training.evaluation import calibration_report, mc_threshold_metrics, predict_texts
 from worker.training.export import WeightsKind, export_bundle
 from worker.training.goemotions import LabelledSplit, load_dataset_dir
 from worker.training.ood_fit import middle_layer
@@ -183,9 +183,7 @@ def calibrate_and_export(
         "n_samples": n_samples,
         "deterministic_macro_f1_at_0.5": det_report["macro_f1_at_0.5"],
         "deterministic_macro_f1_split_half": det_report["macro_f1_split_half"],
-        "mc_macro_f1_at_0.5": report["macro_f1_at_0.5"],
-        "mc_macro_f1_tuned_on_dev": report["macro_f1_tuned"],
-        "mc_macro_f1_split_half": report["macro_f1_split_half"],
+        **mc_threshold_metrics(report),
         "best_step": result.best.step,
         "best_epoch": round(result.best.epoch, 2),
         "train_seconds": round(result.seconds, 1),
