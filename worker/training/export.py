@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -13,11 +13,10 @@ from worker.bundle import (
     BUNDLE_FILE,
     THRESHOLDS_FILE,
     BundleManifest,
+    WeightsKind,
     write_delta,
     write_thresholds,
 )
-
-WeightsKind = Literal["lora", "delta", "full"]
 
 
 def base_reference(base_model: str) -> dict[str, str]:
