@@ -40,6 +40,10 @@ def test_evaluate_reports_the_routing_scores_and_the_ood_sets(
         set(routing)
     )
     assert "oracle" in routing and "det_entropy" in routing
+    implied = report["model_implied_routing"]  # from the cross-fitted calibrated means
+    assert implied["draws"] == 20 and implied["rate"] == 0.1
+    assert implied["oracle_kept_gain"] >= implied["kept_gain"]
+    assert "If the calibrated probabilities were the truth" in (out / "report.md").read_text()
     ood = report["ood"]
     assert ood["in_distribution_posts"] == 60 and ood["calibration"] == "builtin"
     assert set(ood["sets"]) == {"foreign", "english"}

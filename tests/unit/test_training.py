@@ -17,6 +17,7 @@ from support.model_fixtures import tiny_dataset
 from schemas.labels import GOEMOTIONS_LABELS
 from worker.bundle import BundleManifest, default_bundle_path, read_thresholds, write_thresholds
 from worker.inference.loading import load_classifier
+from worker.routing.policy import expected_risk
 from worker.settings import ModelSettings
 from worker.training.evaluation import predict_texts
 from worker.training.goemotions import read_tsv
@@ -29,7 +30,14 @@ from worker.training.metrics import (
     split_half_macro_f1,
     tune_thresholds,
 )
-from worker.training.report import per_post_f1, predicted_sets, risk_coverage, top_label_wrong
+from worker.training.report import (
+    draw_label_sets,
+    model_implied_routing,
+    per_post_f1,
+    predicted_sets,
+    risk_coverage,
+    top_label_wrong,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data" / "goemotions"  # slices of the official splits: see its README
@@ -155,6 +163,32 @@ def test_risk_coverage_by_hand() -> None:
     assert result.aurc == pytest.approx(0.0625)  # kept risk 0, 0, 0, 1/4: mean 1/16
     assert result.at_rates["25%"]["kept_post_f1"] == 1.0
     assert result.at_rates["25%"]["error_ratio"] == pytest.approx(4.0)
+
+
+def test_the_model_implied_routing_gain_is_what_routing_gets_when_the_probabilities_are_true() -> (
+    None
+):
+    rng = np.random.default_rng(3)
+    n, labels = 8_000, 6
+    sharpness = rng.uniform(0.5, 8.0, n)[:, None]  # some posts sure, some not
+    probs = 1 / (1 + np.exp(-sharpness * rng.normal(-0.6, 1.0, (n, labels))))
+    thresholds = np.full(labels, 0.4)
+    targets = draw_label_sets(np.random.default_rng(99), probs)  # the probabilities are true
+    assert targets.sum(axis=1).min() == 1
+    implied = model_implied_routing(probs, thresholds, probs, rate=0.10, draws=20)
+    # routing the real posts by the same expected risk gains what the draws say, within noise
+    f1 = per_post_f1(targets, predicted_sets(probs, thresholds))
+    p_empty = np.prod(1 - probs, axis=1)
+    conditional_f1 = (1 - expected_risk(probs, thresholds, probs)) / (1 - p_empty)
+    real = risk_coverage("s", -conditional_f1, f1, top_label_wrong(targets, probs), rates=(0.1,))
+    real_gain = real.at_rates["10%"]["kept_post_f1"] - f1.mean()
+    assert implied["kept_gain"] > 0.03
+    assert abs(real_gain - implied["kept_gain"]) < 4 * implied["kept_gain_std"] + 0.002
+    assert implied["mean_post_f1"] == pytest.approx(f1.mean(), abs=0.01)
+    assert implied["oracle_kept_gain"] > implied["kept_gain"] + 0.02
+    # a model whose posts all look alike leaves a router nothing to find
+    same = np.tile(probs[:1], (n, 1))
+    assert abs(model_implied_routing(same, thresholds, same)["kept_gain"]) < 0.003
 
 
 def test_default_bundle_loads_and_stays_above_its_floor() -> None:

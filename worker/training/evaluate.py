@@ -56,16 +56,17 @@ def learned_scores(
     mc: McSummary,
     token_counts: list[int],
     ood: OodBatch | None,
+    calibrated: np.ndarray,
 ) -> dict[str, np.ndarray]:
     """The scores the bundle's routing files make, two ways each: as the bundle ships them
     (fitted on dev: optimistic when ``split`` is dev, honest elsewhere), and refitted on ``split``
     itself, cross-fitted (each post scored by a fit on the other folds: honest on any data):
-    the expected risk from per-label calibrated means, and the learned score."""
+    the expected risk from per-label calibrated means, and the learned score. ``calibrated``:
+    the means calibrated cross-fitted on ``split`` (``cross_fitted_calibration``)."""
     thresholds = classifier.thresholds
     names = classifier.label_names
     neutral = names.index("neutral") if "neutral" in names else None
     counts = np.asarray(token_counts)
-    calibrated = cross_fitted_calibration(split.targets, mc.mean)
     crossed_risk = expected_risk(mc.mean, thresholds, calibrated)
     x = selector_features(mc, thresholds, crossed_risk, counts, ood, neutral)
     scores = {
@@ -124,9 +125,16 @@ def run_evaluation(
     )
     ids = classifier.tokenize(split.texts)
     id_batch = scorer.score(split.texts, [None] * len(split), ids, mc.features) if scorer else None
-    learned = learned_scores(classifier, split, mc, [len(t) for t in ids], id_batch)
+    calibrated = cross_fitted_calibration(split.targets, mc.mean)
+    learned = learned_scores(classifier, split, mc, [len(t) for t in ids], id_batch, calibrated)
     report = evaluate_predictions(
-        split.targets, mc, classifier.thresholds, names, det.mean, extra_scores=learned
+        split.targets,
+        mc,
+        classifier.thresholds,
+        names,
+        det.mean,
+        extra_scores=learned,
+        calibrated=calibrated,
     )
     output_dir.mkdir(parents=True, exist_ok=True)
     curves = report.pop("_curves")

@@ -105,6 +105,62 @@ def oracle_routing(post_f1: np.ndarray, wrong_top: np.ndarray) -> RoutingResult:
     return risk_coverage("oracle", -post_f1 + 1e-9 * wrong_top, post_f1, wrong_top)
 
 
+def model_implied_routing(
+    mean: np.ndarray,
+    thresholds: np.ndarray,
+    probabilities: np.ndarray,
+    rate: float = 0.10,
+    draws: int = 20,
+    seed: int = 0,
+) -> dict[str, float]:
+    """How much routing could gain if ``probabilities`` (the calibrated means) were the truth.
+
+    Each draw gives every post a true label set from its probabilities (labels independent, at
+    least one label: a GoEmotions post always has one) and scores the predicted sets (``mean``,
+    ``thresholds``) against it. Routing by the expected risk under that same distribution is
+    then the best any router can do (it maximises the kept posts' expected F1), so its gain at
+    ``rate`` is the ceiling this model's probabilities allow; the real gain far below it points
+    at the router, near it at the probabilities: a sharper model is the way up. ``oracle``: the
+    gain of routing each draw's worst posts first, as the real oracle does."""
+    q = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-9, 1.0 - 1e-9)
+    predictions = predicted_sets(np.asarray(mean, dtype=np.float64), thresholds)
+    p_empty = np.prod(1.0 - q, axis=1)
+    # E[F1 | Y non-empty]: F1 is 0 when Y is empty (the predicted set never is)
+    expected_f1 = (1.0 - expected_risk(mean, thresholds, q)) / (1.0 - p_empty)
+    order = np.lexsort((np.arange(len(q)), -expected_f1))  # highest expected F1 (kept) first
+    kept = order[: len(q) - max(1, round(rate * len(q)))]
+    rng = np.random.default_rng(seed)
+    gains, oracle, f1s = [], [], []
+    for _ in range(draws):
+        truth = draw_label_sets(rng, q)
+        f1 = per_post_f1(truth, predictions)
+        gains.append(f1[kept].mean() - f1.mean())
+        oracle.append(np.sort(f1)[::-1][: len(kept)].mean() - f1.mean())
+        f1s.append(f1.mean())
+    return {
+        "rate": rate,
+        "draws": draws,
+        "kept_gain": float(np.mean(gains)),
+        "kept_gain_std": float(np.std(gains)),
+        "oracle_kept_gain": float(np.mean(oracle)),
+        "mean_post_f1": float(np.mean(f1s)),
+    }
+
+
+def draw_label_sets(rng: np.random.Generator, q: np.ndarray, tries: int = 1_000) -> np.ndarray:
+    """(B, L) 0/1 label sets, labels independent with probabilities ``q``, redrawn while empty
+    (after ``tries`` rounds a post still empty gets its most probable label)."""
+    truth = rng.random(q.shape) < q
+    empty = np.flatnonzero(~truth.any(axis=1))
+    for _ in range(tries):
+        if not len(empty):
+            break
+        truth[empty] = rng.random((len(empty), q.shape[1])) < q[empty]
+        empty = empty[~truth[empty].any(axis=1)]
+    truth[empty, np.argmax(q[empty], axis=1)] = True
+    return truth.astype(np.int8)
+
+
 def evaluate_predictions(
     targets: np.ndarray,
     mc: McSummary,
@@ -112,9 +168,11 @@ def evaluate_predictions(
     label_names: list[str],
     deterministic: np.ndarray | None = None,
     extra_scores: dict[str, np.ndarray] | None = None,
+    calibrated: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Classification and routing figures; ``extra_scores``: more review scores to rank by (the
-    learned score: ``evaluate.py``)."""
+    learned score: ``evaluate.py``); ``calibrated``: calibrated means, for the routing ceiling
+    they imply (``model_implied_routing``)."""
     predictions = predicted_sets(mc.mean, thresholds)
     report = classification_report(targets, predictions, label_names)
     post_f1 = per_post_f1(targets, predictions)
@@ -127,6 +185,8 @@ def evaluate_predictions(
     report["top_label_error"] = float(wrong.mean())
     report["mean_samples_per_post"] = float(mc.n_samples.mean())
     report["routing"] = {name: {"aurc": r.aurc, **r.at_rates} for name, r in routing.items()}
+    if calibrated is not None:
+        report["model_implied_routing"] = model_implied_routing(mc.mean, thresholds, calibrated)
     report["_curves"] = routing
     return report
 
@@ -167,4 +227,17 @@ def markdown_report(report: dict[str, Any], title: str) -> str:
             f"{r['10%']['kept_post_f1']:.4f} | {r['20%']['kept_post_f1']:.4f} | "
             f"{r['10%']['routed_top_label_error']:.3f} ({r['10%']['error_ratio']:.2f}x) |"
         )
+    implied = report.get("model_implied_routing")
+    if implied is not None:
+        at10 = report["routing"].get("oracle", {}).get("10%", {}).get("kept_post_f1")
+        real = "" if at10 is None else f" (the real oracle: {at10 - report['mean_post_f1']:+.4f})"
+        lines += [
+            "",
+            f"If the calibrated probabilities were the truth (labels drawn from them, "
+            f"{implied['draws']} draws), the best router would keep "
+            f"{implied['kept_gain']:+.4f} ± {implied['kept_gain_std']:.4f} per-post F1 over all "
+            f"posts at {implied['rate']:.0%}, and the oracle {implied['oracle_kept_gain']:+.4f}"
+            f"{real}. A real gain near the first is what these probabilities allow: only a "
+            "sharper model raises it.",
+        ]
     return "\n".join(lines) + "\n"
