@@ -133,6 +133,7 @@ def test_transport_bench_counts_every_post_through_its_reader_process(
     from worker.settings import ModelSettings
 
     classifier = load_classifier(ModelSettings(path=str(test_model_dir), device="cpu"))
+    broker_pid = kafka.broker.pid if kafka.broker is not None else None  # a JVM of this machine
     messages = post_messages(list(EXAMPLE_TEXTS), repeat=300 // len(EXAMPLE_TEXTS) + 1)[:300]
     settings = bench_settings(
         kafka.bootstrap_servers, f"harness-{time.time_ns()}", batch_size=64
@@ -145,6 +146,7 @@ def test_transport_bench_counts_every_post_through_its_reader_process(
             processor_factory=TrivialInferenceProcessor,
             partitions=2,
             timeout_s=120,
+            broker_pid=broker_pid,
         )
     )
     assert result["posts"] == 300
@@ -152,6 +154,16 @@ def test_transport_bench_counts_every_post_through_its_reader_process(
     # every batch's time on the model thread, summed: some, and within the timed run (its
     # start is seen by polling every 10 ms)
     assert 0 < result["model_busy_seconds"] < result["seconds"] + 0.05
+    # where the CPU went: each of the three processes used some, per post, and the shares add
+    # up to the cores they kept busy
+    cpu = result["cpu_us_per_post"]
+    assert cpu["worker"] > 0 and cpu["reader"] > 0
+    assert (cpu["broker"] is None) == (broker_pid is None)
+    assert cpu["broker"] is None or cpu["broker"] > 0
+    total = sum(v for v in cpu.values() if v is not None)
+    assert result["cores_busy"] == pytest.approx(total * 300 / 1e6 / result["seconds"])
+    assert result["cpu_bound_posts_per_s"] == pytest.approx(result["cores"] * 1e6 / total)
+    assert result["worker_alone_posts_per_s"] == pytest.approx(1e6 / cpu["worker"])
 
 
 @pytest.mark.kafka

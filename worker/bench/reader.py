@@ -5,7 +5,8 @@ decoding tens of thousands of 4 KB events per second is real work, and the harne
 down what it measures. As a separate process it stands for a downstream consumer, as in a real
 deployment. It prints one JSON object: how many events it saw, ``time.monotonic()`` when it saw
 the last one (CLOCK_MONOTONIC: comparable across processes of one machine) and, when asked, each
-event's latency (enriched record timestamp minus its input record's timestamp, in seconds).
+event's latency (enriched record timestamp minus its input record's timestamp, in seconds), and the
+CPU seconds this process used (its share of what the transport costs the machine).
 
     python -m worker.bench.reader BOOTSTRAP TOPIC EXPECT TIMEOUT_S [--latencies]
 """
@@ -46,7 +47,12 @@ async def read(
                 last = time.monotonic()
     finally:
         await consumer.stop()
-    return {"seen": seen, "last_monotonic": last, "latencies": lags}
+    return {
+        "seen": seen,
+        "last_monotonic": last,
+        "latencies": lags,
+        "cpu_seconds": time.process_time(),
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -70,15 +70,16 @@ class BenchOptions:
 
 
 @contextlib.contextmanager
-def kafka_for_bench() -> Iterator[str]:
+def kafka_for_bench() -> Iterator[tuple[str, int | None]]:
+    """The bootstrap servers and, for the local broker, its JVM's pid (its CPU is measured)."""
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "").strip()
     if external:
-        yield external
+        yield external, None
         return
     from worker.devtools.local_broker import LocalKafka
 
     with LocalKafka() as broker:
-        yield broker.bootstrap_servers
+        yield broker.bootstrap_servers, broker.pid
 
 
 def _watch_rss(
@@ -167,7 +168,7 @@ async def streaming_benches(
     out: dict[str, Any] = {}
     quick = options.quick
     mode: McMode = "fast"
-    with kafka_for_bench() as bootstrap:
+    with kafka_for_bench() as (bootstrap, broker_pid):
         stamp = str(int(time.time()))
         # 1. transport ceiling (trivial inference; bench only)
         n_transport = 2_000 if quick else 60_000
@@ -197,11 +198,16 @@ async def streaming_benches(
                 messages,
                 executor,
                 processor_factory=TrivialInferenceProcessor,
+                broker_pid=broker_pid,
             )
             out[f"transport_ceiling_trivial_inference{key}"] = transport
+            cpu = transport["cpu_us_per_post"]
+            broker_us = "?" if cpu["broker"] is None else f"{cpu['broker']:.0f}"
             log(
                 f"transport ceiling (trivial inference, bench only{key.replace('_', ', ')}): "
-                f"{transport['posts_per_s']:.0f} posts/s"
+                f"{transport['posts_per_s']:.0f} posts/s; CPU a post: worker "
+                f"{cpu['worker']:.0f} µs, broker {broker_us}, reader {cpu['reader']:.0f}; "
+                f"{transport['cores_busy']:.2f} of {transport['cores']} cores busy"
             )
 
         # 2. pipeline vs raw inference on the same posts, same engine settings

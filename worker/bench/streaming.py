@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+import psutil
 
 from schemas import SocialPost
 from worker.inference.loading import Classifier
@@ -111,6 +112,37 @@ async def reader_result(reader: asyncio.subprocess.Process, expect: int) -> dict
     return result
 
 
+def _cpu_seconds(process: psutil.Process | None) -> float:
+    """User + system CPU seconds of ``process`` (all its threads) so far; 0 when unknown."""
+    if process is None:
+        return 0.0
+    try:
+        times = process.cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
+
+
+def cpu_split(
+    posts: int, seconds: float, worker_s: float, broker_s: float | None, reader_s: float
+) -> dict[str, Any]:
+    """Where a timed run's CPU went, per post, and what it implies on this machine: the three
+    processes share its cores, so no worker can outrun ``cores / (total CPU a post)``."""
+    worker_us, reader_us = worker_s / posts * 1e6, reader_s / posts * 1e6
+    broker_us = None if broker_s is None else broker_s / posts * 1e6
+    total = worker_us + reader_us + (broker_us or 0.0)
+    cores = psutil.cpu_count() or 1
+    return {
+        "cpu_us_per_post": {"worker": worker_us, "broker": broker_us, "reader": reader_us},
+        "cores": cores,
+        "cores_busy": total * posts / 1e6 / max(seconds, 1e-9),
+        # every core busy on this run's work, divided as it was: the machine's own ceiling
+        "cpu_bound_posts_per_s": cores * 1e6 / total if total else None,
+        # the worker alone with a core to itself (one interpreter): its own ceiling
+        "worker_alone_posts_per_s": 1e6 / worker_us if worker_s else None,
+    }
+
+
 async def saturated_throughput(
     settings: WorkerSettings,
     classifier: Classifier,
@@ -119,9 +151,12 @@ async def saturated_throughput(
     processor_factory: Any = BatchProcessor,
     partitions: int = 4,
     timeout_s: float = 900,
-) -> dict[str, float]:
+    broker_pid: int | None = None,
+) -> dict[str, Any]:
     """Pre-load the input topic, start the worker, time until every post is enriched.
-    ``model_executor``: the thread the caller runs the model on (see ``model_thread.py``)."""
+    ``model_executor``: the thread the caller runs the model on (see ``model_thread.py``).
+    The CPU of the worker (this process), the reader and the broker (``broker_pid``, when it
+    runs on this machine) over the timed run, per post: ``cpu_split``."""
     await _prepare(settings, partitions)
     await feed_topic(settings.kafka, settings.topics.input, messages)
     pipeline = Pipeline(
@@ -136,8 +171,13 @@ async def saturated_throughput(
     while not pipeline.ready()[0] and not worker.done():  # noqa: ASYNC110 (no event to await)
         await asyncio.sleep(0.01)
     ready = time.monotonic()
+    me = psutil.Process()
+    broker = psutil.Process(broker_pid) if broker_pid is not None else None
+    worker_cpu, broker_cpu = _cpu_seconds(me), _cpu_seconds(broker)
     try:
-        last = (await reader_result(reader, len(messages)))["last_monotonic"]
+        seen = await reader_result(reader, len(messages))
+        worker_cpu, broker_cpu = _cpu_seconds(me) - worker_cpu, _cpu_seconds(broker) - broker_cpu
+        last = seen["last_monotonic"]
     finally:
         if reader.returncode is None:
             reader.kill()
@@ -154,6 +194,14 @@ async def saturated_throughput(
         # batches themselves (CPU shared with the event loop and the broker), not in waits
         "model_busy_seconds": pipeline.metrics.registry.get_sample_value(
             "emoworker_inference_seconds_sum"
+        ),
+        # the reader's whole life (its start and group join too: a slight overcount)
+        **cpu_split(
+            len(messages),
+            last - ready,
+            worker_cpu,
+            broker_cpu if broker is not None else None,
+            seen["cpu_seconds"],
         ),
     }
 
