@@ -12,7 +12,8 @@ transaction:
 4. committed: the state in memory, the changelog and the offsets agree.
 
 On assignment, each partition's state is read back from the changelog (read_committed: an
-aborted transaction's changes are not seen) before its records are consumed; on revocation the
+aborted transaction's changes are not seen), once no transaction on it is undecided, before its
+records are consumed; on revocation the
 batch in flight commits first (a lock), then the partition's state is dropped. A resolver killed
 mid-transaction leaves an open transaction that is aborted when it restarts with the same
 transactional id, or after ``transaction_timeout_ms``: its batch is consumed again by the next
@@ -264,11 +265,16 @@ class Resolver:
     # ── ownership ───────────────────────────────────────────────────────────────────────────
 
     async def restore(self, partitions: list[int]) -> None:
-        """Read each partition's changelog to its end (read_committed) into the state."""
+        """Read each partition's changelog into the state: to its end once no transaction on it
+        is undecided (the previous owner's last commit may not have its markers yet, or a dead
+        owner's transaction be open: the group's offsets may already count it, so a state
+        without it would skip its records for good)."""
         if not partitions:
             return
         started = time.monotonic()
-        records, _ = await read_to_end(self.settings.kafka, self.resolver.changelog(), partitions)
+        records, _ = await read_to_end(
+            self.settings.kafka, self.resolver.changelog(), partitions, settled=True
+        )
         for p in partitions:
             self.state.restore(p, [(r.key, r.value) for r in records[p] if r.key])
         pending = self._update_gauges()
