@@ -52,6 +52,8 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
     }  # fmt: skip
     bounds = written["gemm_gflops"]
     assert bounds["fp32"] > 0 and ("bf16" in bounds) == native_bf16(torch.device("cpu"))
+    runs = written["gemm_gflops_runs"]  # measured before and after the methods: the higher
+    assert bounds == {p: max(runs["before"][p], runs["after"][p]) for p in runs["before"]}
     for method in written["methods"]:
         assert fields <= method.keys(), method["name"]
         assert method["posts_per_s"] > 0 and method["useful_gflops"] > 0
@@ -94,8 +96,10 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
         members = by_name["full_bf16_member_threads"]
         assert isinstance(members["member_threads"], bool)
         assert members["tokens_per_forward"] == by_name["full_bf16"]["tokens_per_forward"]
-    # full and fast MC in the default precision: quality over their seed and two more
-    seeded = ("full_bf16", "fast_bf16") if "full_bf16" in by_name else ("full_vs_full", "fast")
+    # full and fast MC in the default precision and the noise reference: quality over their
+    # seed and two more
+    seeded = ("full_bf16", "fast_bf16") if "full_bf16" in by_name else ("fast",)
+    seeded = ("full_vs_full", *seeded)
     for name in seeded:
         over = by_name[name]["quality_over_seeds"]
         assert len(over["seeds"]) == len(set(over["seeds"])) == 3
@@ -103,6 +107,13 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
             assert over[figure][0] == pytest.approx(by_name[name][figure], abs=1e-4)
             assert over[f"{figure}_mean"] == pytest.approx(np.mean(over[figure]), abs=1e-4)
     assert "quality_over_seeds" not in by_name["full"]
+    # the fast mode's goal: its mean agreement against the noise reference's mean
+    goal = written["fast_agreement_vs_noise"]
+    assert goal["fast"] == seeded[-1] and goal["reference"] == "full_vs_full"
+    for figure in ("label_set_agreement", "review_agreement", "spearman"):
+        fast_mean = by_name[seeded[-1]]["quality_over_seeds"][f"{figure}_mean"]
+        noise_mean = by_name["full_vs_full"]["quality_over_seeds"][f"{figure}_mean"]
+        assert goal[figure]["gap"] == pytest.approx(noise_mean - fast_mean, abs=1e-4)
     assert 1.0 <= by_name["fast"]["mean_samples"] <= 4.0
     assert written["memory"]["peak_rss_mb"] > 0
     steady = written["memory"]["steady"]  # the default engine batch after batch, in a child
