@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from support.faults import report
@@ -19,25 +23,59 @@ from support.verdicts import review_request, verdict
 from schemas import DeadLetter, FinalPost
 from worker.resolve.join import Entry
 from worker.resolve.service import Resolver
+from worker.settings import WorkerSettings
 
 pytestmark = pytest.mark.kafka
 
 
-async def test_each_verdict_is_final_exactly_once_across_a_sigkill_and_rebalances(
-    kafka: KafkaCluster, topics: Topics, make_settings, tmp_path: Path, capsys
-) -> None:
+async def resolver_setup(
+    cluster: KafkaCluster,
+    topics: Topics,
+    make_settings: Callable[..., WorkerSettings],
+    partitions: int,
+    resolver: dict[str, Any],
+    **overrides: Any,
+) -> tuple[WorkerSettings, str, str, str]:
+    """The review and verdicts topics with ``partitions`` each, and resolver settings on fresh
+    verdicts, final, dead-letter and changelog topics (commits every 100 ms)."""
     verdicts, final, dlq = (unique_topic(p) for p in ("verdicts", "final", "verdicts-dlq"))
-    await create_topics(kafka.bootstrap_servers, [topics.review, verdicts], 4)
+    await create_topics(cluster.bootstrap_servers, [topics.review, verdicts], partitions)
     settings = make_settings(
         topics=topics.settings_dict()
         | {"verdicts": verdicts, "final": final, "verdicts_dead_letter": dlq},
         resolver={
             "group_id": f"{topics.group_id}-resolver",
             "state_topic": unique_topic("resolver-state"),
-            "verdict_wait_s": 600,
             "commit_interval_ms": 100,
-        },
-        transaction_timeout_ms=10_000,
+        }
+        | resolver,
+        **overrides,
+    )
+    return settings, verdicts, final, dlq
+
+
+async def changelog_writer(
+    cluster: KafkaCluster, settings: WorkerSettings, partitions: int
+) -> tuple[str, AIOKafkaProducer]:
+    """The resolver's changelog topic, created with ``partitions``, and a started transactional
+    producer standing for another resolver writing to it (transactions open for up to 120 s)."""
+    changelog = settings.resolver.changelog()
+    await create_topics(cluster.bootstrap_servers, [changelog], partitions)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=cluster.bootstrap_servers,
+        transactional_id=unique_topic("writer"),
+        enable_idempotence=True,
+        transaction_timeout_ms=120_000,
+    )
+    await producer.start()
+    return changelog, producer
+
+
+async def test_each_verdict_is_final_exactly_once_across_a_sigkill_and_rebalances(
+    kafka: KafkaCluster, topics: Topics, make_settings, tmp_path: Path, capsys
+) -> None:
+    settings, verdicts, final, dlq = await resolver_setup(
+        kafka, topics, make_settings, 4, {"verdict_wait_s": 600}, transaction_timeout_ms=10_000
     )
     n = 1200
     ids = [f"post-{i}" for i in range(n)]
@@ -130,14 +168,7 @@ async def test_a_new_owner_restores_only_once_every_changelog_transaction_is_dec
     transaction stands for that moment here: the restore waits until it is decided and then
     holds exactly what was committed."""
     settings = make_settings(resolver={"state_topic": unique_topic("resolver-state")})
-    changelog = settings.resolver.changelog()
-    await create_topics(kafka.bootstrap_servers, [changelog], 2)
-    producer = AIOKafkaProducer(
-        bootstrap_servers=kafka.bootstrap_servers,
-        transactional_id=unique_topic("writer"),
-        enable_idempotence=True,
-    )
-    await producer.start()
+    changelog, producer = await changelog_writer(kafka, settings, 2)
 
     async def write(post_id: str, partition: int) -> None:
         entry = Entry(request={"id": post_id, "request_id": f"r-{post_id}"}, since=1.0)
@@ -167,3 +198,43 @@ async def test_a_new_owner_restores_only_once_every_changelog_transaction_is_dec
             assert set(resolver.state.partitions[partition]) == expected
     finally:
         await producer.stop()
+
+
+async def test_a_restore_longer_than_the_session_timeout_keeps_the_member_in_its_group(
+    kafka: KafkaCluster, topics: Topics, make_settings, tmp_path: Path
+) -> None:
+    """The restore waits for an undecided changelog transaction (here one held open 16 s after
+    the resolver started, more than twice the 6 s session timeout) outside the rebalance
+    callback, its partitions paused: heartbeats go on, so the group keeps the member (one
+    assignment, no rejoin; before, the callback held them back and the member was evicted), and
+    its state holds what that transaction committed (the verdict that follows resolves the
+    post)."""
+    settings, verdicts, final, _ = await resolver_setup(
+        kafka, topics, make_settings, 1, {},
+        kafka={"session_timeout_ms": 6_000, "heartbeat_interval_ms": 1_000},
+    )  # fmt: skip
+    changelog, producer = await changelog_writer(kafka, settings, 1)
+    request = orjson.loads(review_request("post-1"))
+    entry = Entry(request=request | {"request_id": request["request_id"]}, since=time.time())
+    resolver = None
+    try:
+        await producer.begin_transaction()
+        await (await producer.send(changelog, entry.to_json(), key=b"post-1", partition=0))
+        resolver = WorkerProcess(settings, tmp_path / "r.log", name="resolver", command="resolve")
+        await resolver.wait_for_log('"resolver started"', timeout_s=120)
+        await asyncio.sleep(16)
+        await producer.commit_transaction()
+        await resolver.wait_for_log('"resolver state restored"', timeout_s=30)
+        await produce(kafka.bootstrap_servers, verdicts, [(b"post-1", verdict("post-1"))])
+        records = await read_all(kafka.bootstrap_servers, final, expect=1, idle_s=1,
+                                 timeout_s=60, isolation_level="read_committed")  # fmt: skip
+    finally:
+        await producer.stop()
+        if resolver is not None and resolver.proc.poll() is None:
+            resolver.terminate()
+    assert resolver.wait(60) == 0, resolver.log_text()
+    log = resolver.log_text()
+    assert [FinalPost.model_validate(v).id for v in values(records)] == ["post-1"], log
+    assert log.count('"partitions assigned"') == 1, log
+    assert log.count('"resolver state restored"') == 1, log
+    assert "waiting for undecided transactions" in log

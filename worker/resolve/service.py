@@ -11,9 +11,11 @@ transaction:
    change, and the consumed offsets;
 4. committed: the state in memory, the changelog and the offsets agree.
 
-On assignment, each partition's state is read back from the changelog (read_committed: an
-aborted transaction's changes are not seen), once no transaction on it is undecided, before its
-records are consumed; on revocation the
+On assignment, the new partitions are paused, and the main loop reads each one's state back from
+the changelog (read_committed: an aborted transaction's changes are not seen), once no
+transaction on it is undecided, before it resumes them: outside the rebalance callback, so that
+heartbeats go on however long the wait and the restore take (aiokafka sends none while a
+callback runs, and a member silent past the session timeout is evicted); on revocation the
 batch in flight commits first (a lock), then the partition's state is dropped. A resolver killed
 mid-transaction leaves an open transaction that is aborted when it restarts with the same
 transactional id, or after ``transaction_timeout_ms``: its batch is consumed again by the next
@@ -30,7 +32,7 @@ from typing import Any
 
 import orjson
 import structlog
-from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.errors import KafkaError
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -89,6 +91,7 @@ class Resolver:
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._ready = False
+        self.to_restore: list[TopicPartition] | None = None  # assigned, paused until restored
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -140,10 +143,12 @@ class Resolver:
             raise FatalError(f"cannot reach Kafka: {exc}", EXIT_KAFKA) from exc
         try:
             consumer.subscribe(
-                [self.topics.review, self.topics.verdicts], listener=_Rebalance(self)
+                [self.topics.review, self.topics.verdicts], listener=_Rebalance(self, consumer)
             )
             log.info("resolver started", changelog=self.resolver.changelog(), partitions=partitions)
             while not self._stop.is_set():
+                if self.to_restore is not None:
+                    await self._restore_assigned(consumer)
                 batch = await consumer.getmany(timeout_ms=self.resolver.commit_interval_ms)
                 async with self._lock:
                     await self._commit(producer, self._process(batch))
@@ -264,6 +269,16 @@ class Resolver:
 
     # ── ownership ───────────────────────────────────────────────────────────────────────────
 
+    async def _restore_assigned(self, consumer: AIOKafkaConsumer) -> None:
+        """The state of the partitions the last assignment gave (paused since), then resumed. A
+        rebalance meanwhile waits for the lock, so they are still assigned when resumed."""
+        async with self._lock:
+            assigned, self.to_restore = self.to_restore or [], None
+            review = self.topics.review
+            await self.restore(sorted({tp.partition for tp in assigned if tp.topic == review}))
+            consumer.resume(*assigned)
+        self._ready = True
+
     async def restore(self, partitions: list[int]) -> None:
         """Read each partition's changelog into the state: to its end once no transaction on it
         is undecided (the previous owner's last commit may not have its markers yet, or a dead
@@ -296,19 +311,22 @@ class Resolver:
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, resolver: Resolver) -> None:
+    def __init__(self, resolver: Resolver, consumer: AIOKafkaConsumer) -> None:
         self.resolver = resolver
+        self.consumer = consumer
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        async with self.resolver._lock:  # the batch in flight commits first
+        async with self.resolver._lock:  # the batch in flight (or a restore) finishes first
             for p in {tp.partition for tp in revoked}:
                 self.resolver.state.drop(p)
+            self.resolver.to_restore = None
         self.resolver._ready = False
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        """Nothing is read here: the partitions wait, paused, for the main loop's restore."""
+        self.consumer.pause(*assigned)
+        self.resolver.to_restore = list(assigned)
+        self.resolver._ready = False
         review = self.resolver.topics.review
         partitions = sorted({tp.partition for tp in assigned if tp.topic == review})
-        async with self.resolver._lock:
-            await self.resolver.restore(partitions)
-        self.resolver._ready = True
         log.info("partitions assigned", partitions=partitions)
