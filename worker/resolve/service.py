@@ -271,12 +271,13 @@ class Resolver:
 
     async def _restore_assigned(self, consumer: AIOKafkaConsumer) -> None:
         """The state of the partitions the last assignment gave (paused since), then resumed. A
-        rebalance meanwhile waits for the lock, so they are still assigned when resumed."""
+        rebalance meanwhile waits for the lock, so they are still assigned when resumed (only
+        those still assigned are, should the client have dropped some without a revocation)."""
         async with self._lock:
             assigned, self.to_restore = self.to_restore or [], None
             review = self.topics.review
             await self.restore(sorted({tp.partition for tp in assigned if tp.topic == review}))
-            consumer.resume(*assigned)
+            consumer.resume(*(set(assigned) & consumer.assignment()))
         self._ready = True
 
     async def restore(self, partitions: list[int]) -> None:
