@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from worker.bench.bound import useful_gflop
+from worker.bench.bound import set_bound_fractions, useful_gflop
 from worker.inference.dropout import set_mc_dropout
 from worker.inference.engine import EngineConfig, McDropoutEngine, pad
 from worker.inference.loading import Classifier
@@ -427,14 +427,13 @@ def run_inference_bench(
         run_precision = method_precision(run.name)
         samples = run.summary.n_samples[: run.posts].astype(float).tolist()
         work = useful_gflop(model_config, run.lengths, samples) / run.seconds
-        bound = (bounds or {}).get(run_precision)
         row: dict[str, Any] = {
             "name": run.name,
             "posts_per_s": round(run.posts_per_s, 3),
             "ratio_to_loop": round(run.posts_per_s / loop_rate, 3),
             "precision": run_precision,
             "useful_gflops": round(work, 1),
-            "bound_fraction": round(work / bound, 3) if bound else None,
+            "bound_fraction": None,  # set_bound_fractions, below
             "tokens_per_forward": ran_at.get(run.name),  # None for the card's loops
             "fused_layers": ran_fused.get(run.name),  # None for the card's loops
             "member_threads": ran_members.get(run.name),
@@ -464,6 +463,7 @@ def run_inference_bench(
             )
             log(f"  {run.name} over seeds {row['quality_over_seeds']}")
         rows.append(row)
+    set_bound_fractions(rows, bounds or {})
     return rows
 
 

@@ -511,7 +511,6 @@ def _run_bench(
         full_config=EngineConfig(n_samples=n_samples, mode="full"),
         fast_config=EngineConfig(n_samples=n_samples, mode="fast"),
         log=log,
-        bounds=before,
     ).result()
     after = executor.submit(measure_bounds, classifier.device, bound_seconds).result()
     result["gemm_gflops"] = steadier_bounds(before, after)

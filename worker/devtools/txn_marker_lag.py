@@ -41,6 +41,7 @@ async def count_torn(bootstrap: str, rounds: int, gap_s: float, settled: bool) -
     for client in (writer, reader, offsets):
         await client.start()
     state, consumed = TopicPartition(state_topic, 0), TopicPartition(input_topic, 0)
+    kafka = KafkaSettings(bootstrap_servers=bootstrap)
     torn, seen_end = 0, 0
     try:
         for done in range(1, rounds + 1):
@@ -49,7 +50,6 @@ async def count_torn(bootstrap: str, rounds: int, gap_s: float, settled: bool) -
                 await asyncio.gather(*sends)
                 await writer.send_offsets_to_transaction({consumed: done}, group)
             if settled:
-                kafka = KafkaSettings(bootstrap_servers=bootstrap)
                 end = (await wait_until_settled(kafka, reader, [state]))[state]
             else:
                 end = (await reader.end_offsets([state]))[state]
