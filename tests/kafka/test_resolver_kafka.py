@@ -1,19 +1,22 @@
 """The resolver on a real broker: each verdict is reflected exactly once in the final topic across
 a SIGKILL of one resolver and the rebalances it causes; bad and duplicated verdicts do not change
-that; a partition's new owner restores every transaction its group offsets may count."""
+that; a partition's new owner restores every transaction its group offsets may count, and one
+partition's undecided transaction holds back no other."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 from support.faults import report
 from support.harness import Topics, WorkerProcess
 from support.kafka_cluster import KafkaCluster, create_topics, unique_topic
@@ -69,6 +72,35 @@ async def changelog_writer(
     )
     await producer.start()
     return changelog, producer
+
+
+@contextlib.asynccontextmanager
+async def resolver_beside_open_transaction(
+    cluster: KafkaCluster, settings: WorkerSettings, partitions: int, post_id: str, log: Path
+) -> AsyncIterator[tuple[AIOKafkaProducer, WorkerProcess]]:
+    """A resolver process started while another writer's changelog transaction (on ``post_id``'s
+    partition) holds a pending request for ``post_id``; yields (the writer, the resolver) once
+    the resolver has started. The resolver must then stop cleanly."""
+    changelog, producer = await changelog_writer(cluster, settings, partitions)
+    request = orjson.loads(review_request(post_id))
+    entry = Entry(request=request | {"request_id": request["request_id"]}, since=time.time())
+    partition = DefaultPartitioner()(post_id.encode(), list(range(partitions)), [])
+    resolver = None
+    try:
+        await producer.begin_transaction()
+        await (
+            await producer.send(
+                changelog, entry.to_json(), key=post_id.encode(), partition=partition
+            )
+        )
+        resolver = WorkerProcess(settings, log, name="resolver", command="resolve")
+        await resolver.wait_for_log('"resolver started"', timeout_s=120)
+        yield producer, resolver
+    finally:
+        await producer.stop()
+        if resolver is not None and resolver.proc.poll() is None:
+            resolver.terminate()
+    assert resolver.wait(60) == 0, resolver.log_text()
 
 
 async def test_each_verdict_is_final_exactly_once_across_a_sigkill_and_rebalances(
@@ -213,28 +245,48 @@ async def test_a_restore_longer_than_the_session_timeout_keeps_the_member_in_its
         kafka, topics, make_settings, 1, {},
         kafka={"session_timeout_ms": 6_000, "heartbeat_interval_ms": 1_000},
     )  # fmt: skip
-    changelog, producer = await changelog_writer(kafka, settings, 1)
-    request = orjson.loads(review_request("post-1"))
-    entry = Entry(request=request | {"request_id": request["request_id"]}, since=time.time())
-    resolver = None
-    try:
-        await producer.begin_transaction()
-        await (await producer.send(changelog, entry.to_json(), key=b"post-1", partition=0))
-        resolver = WorkerProcess(settings, tmp_path / "r.log", name="resolver", command="resolve")
-        await resolver.wait_for_log('"resolver started"', timeout_s=120)
+    async with resolver_beside_open_transaction(
+        kafka, settings, 1, "post-1", tmp_path / "r.log"
+    ) as (producer, resolver):
         await asyncio.sleep(16)
         await producer.commit_transaction()
         await resolver.wait_for_log('"resolver state restored"', timeout_s=30)
         await produce(kafka.bootstrap_servers, verdicts, [(b"post-1", verdict("post-1"))])
         records = await read_all(kafka.bootstrap_servers, final, expect=1, idle_s=1,
                                  timeout_s=60, isolation_level="read_committed")  # fmt: skip
-    finally:
-        await producer.stop()
-        if resolver is not None and resolver.proc.poll() is None:
-            resolver.terminate()
-    assert resolver.wait(60) == 0, resolver.log_text()
     log = resolver.log_text()
     assert [FinalPost.model_validate(v).id for v in values(records)] == ["post-1"], log
     assert log.count('"partitions assigned"') == 1, log
     assert log.count('"resolver state restored"') == 1, log
     assert "waiting for undecided transactions" in log
+
+
+async def test_an_undecided_changelog_transaction_holds_back_only_its_own_partition(
+    kafka: KafkaCluster, topics: Topics, make_settings, tmp_path: Path
+) -> None:
+    """A dead owner's transaction left open on changelog partition 0 (a hanging one would stay
+    open until an operator aborts it) keeps partition 0 paused, and partition 1 resolves its
+    posts meanwhile (before, every partition waited for it: 120 s here). Once it is committed,
+    partition 0 restores what it committed and resolves too."""
+    settings, verdicts, final, _ = await resolver_setup(kafka, topics, make_settings, 2, {})
+    partition_of = DefaultPartitioner()
+    assert [partition_of(f"post-{i}".encode(), [0, 1], [0, 1]) for i in (0, 1)] == [0, 1]
+    bootstrap = kafka.bootstrap_servers
+    async with resolver_beside_open_transaction(
+        kafka, settings, 2, "post-0", tmp_path / "r.log"
+    ) as (producer, resolver):
+        await produce(bootstrap, topics.review, [(b"post-1", review_request("post-1"))])
+        await produce(bootstrap, verdicts, [(b"post-1", verdict("post-1"))])
+        first = await read_all(bootstrap, final, expect=1, idle_s=1, timeout_s=60,
+                               isolation_level="read_committed")  # fmt: skip
+        await producer.commit_transaction()
+        await produce(bootstrap, verdicts, [(b"post-0", verdict("post-0"))])
+        records = await read_all(bootstrap, final, expect=2, idle_s=1, timeout_s=60,
+                                 isolation_level="read_committed")  # fmt: skip
+    log = resolver.log_text()
+    assert [FinalPost.model_validate(v).id for v in values(first)] == ["post-1"], log
+    assert sorted(FinalPost.model_validate(v).id for v in values(records)) == ["post-0", "post-1"]
+    restores = [
+        orjson.loads(line) for line in log.splitlines() if '"resolver state restored"' in line
+    ]
+    assert [(r["partitions"], r["still_waiting"]) for r in restores] == [([1], [0]), ([0], [])]

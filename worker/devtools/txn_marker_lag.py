@@ -5,7 +5,7 @@ resolver does. Right after each commit returns, a "new owner" reads the state pa
 a ``read_committed`` reader sees it, then (``--gap-ms`` later, the rest of a rebalance) the
 group's committed offset. The hand-over is torn when the offset already counts the transaction
 but the state end does not: the broker had not written the commit markers yet. With
-``--settled`` the new owner waits as the resolver does (``wait_until_settled``) and no hand-over
+``--settled`` the new owner waits as the resolver does (``SettledReader``) and no hand-over
 may be torn.
 
     python -m worker.devtools.txn_marker_lag [--rounds 300] [--gap-ms 50] [--settled]
@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import uuid
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from worker.devtools.local_broker import LocalKafka
-from worker.kafka.snapshot import wait_until_settled
+from worker.kafka.snapshot import SettledReader
 from worker.settings import KafkaSettings
 
 
@@ -38,19 +39,20 @@ async def count_torn(bootstrap: str, rounds: int, gap_s: float, settled: bool) -
     )
     reader = AIOKafkaConsumer(bootstrap_servers=bootstrap, isolation_level="read_committed")
     offsets = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group)
-    for client in (writer, reader, offsets):
-        await client.start()
     state, consumed = TopicPartition(state_topic, 0), TopicPartition(input_topic, 0)
-    kafka = KafkaSettings(bootstrap_servers=bootstrap)
+    settling = SettledReader(KafkaSettings(bootstrap_servers=bootstrap), state_topic)
     torn, seen_end = 0, 0
-    try:
+    async with settling, contextlib.AsyncExitStack() as clients:
+        for client in (writer, reader, offsets):
+            await client.start()
+            clients.push_async_callback(client.stop)
         for done in range(1, rounds + 1):
             async with writer.transaction():
                 sends = [await writer.send(state_topic, b"x" * 100, partition=0) for _ in range(50)]
                 await asyncio.gather(*sends)
                 await writer.send_offsets_to_transaction({consumed: done}, group)
             if settled:
-                end = (await wait_until_settled(kafka, reader, [state]))[state]
+                end = (await settling.wait_until_settled([state]))[state]
             else:
                 end = (await reader.end_offsets([state]))[state]
             await asyncio.sleep(gap_s)
@@ -59,9 +61,6 @@ async def count_torn(bootstrap: str, rounds: int, gap_s: float, settled: bool) -
                 await asyncio.sleep(0.01)
                 end = (await reader.end_offsets([state]))[state]
             seen_end = end
-    finally:
-        for client in (writer, reader, offsets):
-            await client.stop()
     return torn
 
 

@@ -31,38 +31,23 @@ async def read_to_end(
     offset order (``read_committed``: an aborted transaction's records are not seen) and the end
     offset it was read up to.
 
-    ``settled``: first wait until no transaction on these partitions is undecided (see
-    ``wait_until_settled``), and read to the end that leaves: for a reader that must see every
-    transaction already committed, such as a partition's new owner restoring its state."""
+    ``settled``: each partition is read once no transaction on it is undecided (see
+    ``SettledReader``), to the end that leaves: for a reader that must see every transaction
+    already committed. This waits for the slowest partition; ``SettledReader`` reads each one as
+    soon as it is settled."""
     if partitions is None:
         partitions = list(range((await partition_counts(kafka, [topic]))[topic]))
     if not partitions:
         return {}, {}
-    reader = AIOKafkaConsumer(
-        **connection_kwargs(kafka), enable_auto_commit=False, isolation_level="read_committed"
-    )
-    await reader.start()
-    try:
+    async with SettledReader(kafka, topic) as reader:
         tps = [TopicPartition(topic, p) for p in partitions]
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
-        if settled:
-            ends = await wait_until_settled(kafka, reader, tps)
-        else:
-            ends = await reader.end_offsets(tps)
-        records: Records = {p: [] for p in partitions}
-        while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
-            for tp, got in (await reader.getmany(*tps, timeout_ms=500)).items():
-                records[tp.partition].extend(got)
-        return records, {tp.partition: end for tp, end in ends.items()}
-    finally:
-        await reader.stop()
+        ends = await reader.wait_until_settled(tps) if settled else await reader.ends(tps)
+        return await reader.read(ends), {tp.partition: end for tp, end in ends.items()}
 
 
-async def wait_until_settled(
-    kafka: KafkaSettings, committed_reader: AIOKafkaConsumer, tps: list[TopicPartition]
-) -> dict[TopicPartition, int]:
-    """Waits until every transaction on ``tps`` is decided, and returns their end offsets then.
+class SettledReader:
+    """Reads a topic's partitions from the start with ``read_committed``, and tells which of them
+    have an undecided transaction.
 
     A partition's last stable offset (the end a ``read_committed`` reader sees) stops at its
     oldest undecided transaction; the high watermark does not. They differ while a writer's
@@ -70,31 +55,105 @@ async def wait_until_settled(
     written the commit markers. A consumer group's offsets may already count that transaction
     by then, so a reader that stopped at the stable offset would miss state changes whose input
     records the group will not deliver again. A dead writer's open transaction is decided when
-    its transactional id is used again or ``transaction.timeout.ms`` after it began: the wait
-    can last that long, with a warning every ``SETTLE_LOG_EVERY_S``."""
-    probe = AIOKafkaConsumer(
-        **connection_kwargs(kafka), enable_auto_commit=False, isolation_level="read_uncommitted"
-    )
-    await probe.start()
-    try:
-        started = time.monotonic()
-        warned = started
-        while True:
-            stable: dict[TopicPartition, int] = await committed_reader.end_offsets(tps)
-            high: dict[TopicPartition, int] = await probe.end_offsets(tps)
-            undecided = {
-                tp.partition: (stable[tp], high[tp]) for tp in tps if stable[tp] < high[tp]
-            }
-            if not undecided:
-                return stable
-            if time.monotonic() - warned >= SETTLE_LOG_EVERY_S:
-                warned = time.monotonic()
-                log.warning(
-                    "waiting for undecided transactions",
-                    topic=tps[0].topic,
-                    partitions={p: {"stable": s, "high": h} for p, (s, h) in undecided.items()},
-                    seconds=round(warned - started, 1),
-                )
-            await asyncio.sleep(SETTLE_POLL_S)
-    finally:
-        await probe.stop()
+    its transactional id is used again or ``transaction.timeout.ms`` after it began; a hanging
+    one (a broker fault) only when an operator aborts it. ``settled`` splits partitions into
+    those that can be read now and those that must wait, so that one undecided transaction holds
+    back only its own partition."""
+
+    def __init__(self, kafka: KafkaSettings, topic: str) -> None:
+        self.topic = topic
+        self._committed = AIOKafkaConsumer(
+            **connection_kwargs(kafka), enable_auto_commit=False, isolation_level="read_committed"
+        )
+        self._uncommitted = AIOKafkaConsumer(
+            **connection_kwargs(kafka), enable_auto_commit=False, isolation_level="read_uncommitted"
+        )
+
+    async def start(self) -> None:
+        await self._committed.start()
+        try:
+            await self._uncommitted.start()
+        except BaseException:
+            await self._committed.stop()
+            raise
+
+    async def stop(self) -> None:
+        try:
+            await self._uncommitted.stop()
+        finally:
+            await self._committed.stop()
+
+    async def __aenter__(self) -> SettledReader:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def ends(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The ends a ``read_committed`` reader sees now (the last stable offsets)."""
+        ends: dict[TopicPartition, int] = await self._committed.end_offsets(tps)
+        return ends
+
+    async def settled(
+        self, tps: list[TopicPartition]
+    ) -> tuple[dict[TopicPartition, int], dict[TopicPartition, tuple[int, int]]]:
+        """(the partitions with no undecided transaction now, with their ends; the others, with
+        their last stable offset and high watermark)."""
+        if not tps:
+            return {}, {}
+        stable = await self.ends(tps)
+        high: dict[TopicPartition, int] = await self._uncommitted.end_offsets(tps)
+        return (
+            {tp: stable[tp] for tp in tps if stable[tp] >= high[tp]},
+            {tp: (stable[tp], high[tp]) for tp in tps if stable[tp] < high[tp]},
+        )
+
+    async def wait_until_settled(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        """The ends of ``tps``, each taken once no transaction on it is undecided; a warning
+        every ``SETTLE_LOG_EVERY_S`` while the wait lasts."""
+        ends: dict[TopicPartition, int] = {}
+        waiting = UndecidedLog(self.topic)
+        while tps:
+            settled, undecided = await self.settled(tps)
+            ends |= settled
+            tps = list(undecided)
+            if undecided:
+                waiting.note(undecided)
+                await asyncio.sleep(SETTLE_POLL_S)
+        return ends
+
+    async def read(self, ends: dict[TopicPartition, int]) -> Records:
+        """Each partition's records from its start up to ``ends``, in offset order."""
+        records: Records = {tp.partition: [] for tp in ends}
+        tps = [tp for tp, end in ends.items() if end > 0]
+        if not tps:
+            return records
+        reader = self._committed
+        reader.assign(tps)
+        await reader.seek_to_beginning(*tps)
+        while [tp for tp in tps if await reader.position(tp) < ends[tp]]:
+            for tp, got in (await reader.getmany(*tps, timeout_ms=500)).items():
+                records[tp.partition].extend(r for r in got if r.offset < ends[tp])
+        return records
+
+
+class UndecidedLog:
+    """A warning, at most every ``SETTLE_LOG_EVERY_S``, while partitions wait for undecided
+    transactions."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.started = self.warned = time.monotonic()
+
+    def note(self, undecided: dict[TopicPartition, tuple[int, int]]) -> None:
+        now = time.monotonic()
+        if now - self.warned < SETTLE_LOG_EVERY_S:
+            return
+        self.warned = now
+        log.warning(
+            "waiting for undecided transactions",
+            topic=self.topic,
+            partitions={tp.partition: {"stable": s, "high": h} for tp, (s, h) in undecided.items()},
+            seconds=round(now - self.started, 1),
+        )

@@ -12,9 +12,10 @@ transaction:
 4. committed: the state in memory, the changelog and the offsets agree.
 
 On assignment, the new partitions are paused, and the main loop reads each one's state back from
-the changelog (read_committed: an aborted transaction's changes are not seen), once no
-transaction on it is undecided, before it resumes them: outside the rebalance callback, so that
-heartbeats go on however long the wait and the restore take (aiokafka sends none while a
+the changelog (read_committed: an aborted transaction's changes are not seen) as soon as no
+transaction on that partition is undecided, and resumes it: one partition waiting for a dead
+owner's open transaction holds back no other. This happens outside the rebalance callback, so
+that heartbeats go on however long the wait and the restore take (aiokafka sends none while a
 callback runs, and a member silent past the session timeout is evicted); on revocation the
 batch in flight commits first (a lock), then the partition's state is dropped. A resolver killed
 mid-transaction leaves an open transaction that is aborted when it restarts with the same
@@ -41,12 +42,13 @@ from worker.exit_codes import EXIT_CONFIG, EXIT_DELIVERY, EXIT_KAFKA, EXIT_OK, F
 from worker.http import HealthServer
 from worker.kafka.admin import ensure_topics, partition_counts, read_topic_limits
 from worker.kafka.clients import build_consumer, build_producer
-from worker.kafka.snapshot import read_to_end
+from worker.kafka.snapshot import SETTLE_POLL_S, SettledReader, UndecidedLog
 from worker.resolve.join import Outcome, ResolveState
 from worker.settings import WorkerSettings
 
 log = structlog.get_logger("worker.resolve")
 EXPIRY_SCAN_S = 5.0  # how often the state is scanned for entries past their time
+RESTORE_RECHECK_S = 0.25  # how often partitions waiting for undecided transactions are checked
 
 
 class ResolverMetrics:
@@ -91,7 +93,10 @@ class Resolver:
         self._lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._ready = False
-        self.to_restore: list[TopicPartition] | None = None  # assigned, paused until restored
+        self.to_restore: set[TopicPartition] = set()  # assigned, paused until restored
+        self._changelog: SettledReader | None = None  # open while partitions wait for a restore
+        self._undecided: UndecidedLog | None = None
+        self._restore_due = 0.0  # when the main loop checks the waiting partitions again
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -147,13 +152,14 @@ class Resolver:
             )
             log.info("resolver started", changelog=self.resolver.changelog(), partitions=partitions)
             while not self._stop.is_set():
-                if self.to_restore is not None:
-                    await self._restore_assigned(consumer)
+                if self.to_restore and time.monotonic() >= self._restore_due:
+                    await self._restore_settled(consumer)
                 batch = await consumer.getmany(timeout_ms=self.resolver.commit_interval_ms)
                 async with self._lock:
                     await self._commit(producer, self._process(batch))
         finally:
             self._ready = False
+            await self._close_changelog()
             with contextlib.suppress(Exception):
                 await consumer.stop()
             with contextlib.suppress(Exception):
@@ -269,38 +275,72 @@ class Resolver:
 
     # ── ownership ───────────────────────────────────────────────────────────────────────────
 
-    async def _restore_assigned(self, consumer: AIOKafkaConsumer) -> None:
-        """The state of the partitions the last assignment gave (paused since), then resumed. A
-        rebalance meanwhile waits for the lock, so they are still assigned when resumed (only
-        those still assigned are, should the client have dropped some without a revocation)."""
+    async def _restore_settled(self, consumer: AIOKafkaConsumer) -> None:
+        """Restores the paused partitions whose changelog has no undecided transaction and
+        resumes them; the others stay paused until a later turn of the main loop. A rebalance
+        meanwhile waits for the lock, so they are still assigned when resumed (only those still
+        assigned are, should the client have dropped some without a revocation)."""
         async with self._lock:
-            assigned, self.to_restore = self.to_restore or [], None
             review = self.topics.review
-            await self.restore(sorted({tp.partition for tp in assigned if tp.topic == review}))
-            consumer.resume(*(set(assigned) & consumer.assignment()))
-        self._ready = True
+            waiting = sorted({tp.partition for tp in self.to_restore if tp.topic == review})
+            undecided = await self.restore_settled(waiting)
+            done = {tp for tp in self.to_restore if tp.partition not in undecided}
+            consumer.resume(*(done & consumer.assignment()))
+            self.to_restore -= done
+            self._restore_due = time.monotonic() + RESTORE_RECHECK_S
+            if not self.to_restore:
+                await self._close_changelog()
+                self._ready = True
 
     async def restore(self, partitions: list[int]) -> None:
-        """Read each partition's changelog into the state: to its end once no transaction on it
-        is undecided (the previous owner's last commit may not have its markers yet, or a dead
-        owner's transaction be open: the group's offsets may already count it, so a state
-        without it would skip its records for good)."""
+        """Every one of ``partitions`` restored, waiting as long as undecided transactions last."""
+        try:
+            while True:
+                partitions = sorted(await self.restore_settled(partitions))
+                if not partitions:
+                    return
+                await asyncio.sleep(SETTLE_POLL_S)
+        finally:
+            await self._close_changelog()
+
+    async def restore_settled(self, partitions: list[int]) -> set[int]:
+        """Reads the changelog into the state for each of ``partitions`` with no undecided
+        transaction now, to its end; returns the others. (The previous owner's last commit may
+        not have its markers yet, or a dead owner's transaction be open: the group's offsets may
+        already count it, so a state without it would skip its records for good.)"""
         if not partitions:
-            return
+            return set()
+        if self._changelog is None:
+            self._changelog = SettledReader(self.settings.kafka, self.resolver.changelog())
+            await self._changelog.start()
+            self._undecided = UndecidedLog(self.resolver.changelog())
         started = time.monotonic()
-        records, _ = await read_to_end(
-            self.settings.kafka, self.resolver.changelog(), partitions, settled=True
+        changelog = self.resolver.changelog()
+        ends, undecided = await self._changelog.settled(
+            [TopicPartition(changelog, p) for p in partitions]
         )
-        for p in partitions:
-            self.state.restore(p, [(r.key, r.value) for r in records[p] if r.key])
-        pending = self._update_gauges()
-        log.info(
-            "resolver state restored",
-            partitions=partitions,
-            records=sum(len(r) for r in records.values()),
-            pending=pending,
-            seconds=round(time.monotonic() - started, 3),
-        )
+        if undecided and self._undecided is not None:
+            self._undecided.note(undecided)
+        if ends:
+            records = await self._changelog.read(ends)
+            for p, got in records.items():
+                self.state.restore(p, [(r.key, r.value) for r in got if r.key])
+            pending = self._update_gauges()
+            log.info(
+                "resolver state restored",
+                partitions=sorted(records),
+                records=sum(len(r) for r in records.values()),
+                pending=pending,
+                seconds=round(time.monotonic() - started, 3),
+                still_waiting=sorted(tp.partition for tp in undecided),
+            )
+        return {tp.partition for tp in undecided}
+
+    async def _close_changelog(self) -> None:
+        reader, self._changelog, self._undecided = self._changelog, None, None
+        if reader is not None:
+            with contextlib.suppress(Exception):
+                await reader.stop()
 
     def _update_gauges(self) -> int:
         """Pending requests and waiting verdicts (a scan of the state: only on restore and with
@@ -320,14 +360,15 @@ class _Rebalance(ConsumerRebalanceListener):
         async with self.resolver._lock:  # the batch in flight (or a restore) finishes first
             for p in {tp.partition for tp in revoked}:
                 self.resolver.state.drop(p)
-            self.resolver.to_restore = None
+            self.resolver.to_restore -= set(revoked)
         self.resolver._ready = False
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         """Nothing is read here: the partitions wait, paused, for the main loop's restore."""
         self.consumer.pause(*assigned)
-        self.resolver.to_restore = list(assigned)
-        self.resolver._ready = False
+        self.resolver.to_restore |= set(assigned)
+        self.resolver._restore_due = 0.0
+        self.resolver._ready = not self.resolver.to_restore  # nothing assigned: nothing to wait for
         review = self.resolver.topics.review
         partitions = sorted({tp.partition for tp in assigned if tp.topic == review})
         log.info("partitions assigned", partitions=partitions)
