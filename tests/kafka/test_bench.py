@@ -54,6 +54,11 @@ def test_quick_bench_writes_every_method(test_model_dir: Path, tmp_path: Path) -
     assert bounds["fp32"] > 0 and ("bf16" in bounds) == native_bf16(torch.device("cpu"))
     runs = written["gemm_gflops_runs"]  # measured before and after the methods: the higher
     assert bounds == {p: max(runs["before"][p], runs["after"][p]) for p in runs["before"]}
+    ceiling = written["linear_layers"]  # the model's linear layers alone, per precision
+    assert set(ceiling) == set(bounds)
+    for precision, linear in ceiling.items():
+        assert linear["rows"] == 4096 and linear["gflops"] > 0
+        assert linear["bound_fraction"] == pytest.approx(linear["gflops"] / bounds[precision], 0.01)
     for method in written["methods"]:
         assert fields <= method.keys(), method["name"]
         assert method["posts_per_s"] > 0 and method["useful_gflops"] > 0
@@ -267,6 +272,7 @@ def test_gpu_bench_runs_its_parts_on_the_cpu_in_quick_mode(
     assert by_name["full"]["posts_compared"] == 40
     assert by_name["emcoder_card"]["posts_timed"] == 16
     assert set(written["gemm_gflops"]) >= {"fp32"}
+    assert set(written["linear_layers"]) == set(written["gemm_gflops"])
     assert by_name["full"]["label_set_agreement"] == 1.0
     sweep = written["sweep"]
     assert [(r["tokens_per_forward"], r["batch"]) for r in sweep[:2]] == [(256, 32), (1024, 32)]

@@ -15,13 +15,14 @@ falls below the bound.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 GEMM_SHAPE = (2048, 384, 1536)  # (rows, hidden, intermediate): the feed-forward layer's matmul
+LINEAR_ROWS = 4096  # tokens a pass of the linear-layer ceiling carries (the bf16 engine's budget)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -99,3 +100,68 @@ def set_bound_fractions(rows: list[dict[str, Any]], bounds: dict[str, float]) ->
     for row in rows:
         bound = bounds.get(row["precision"])
         row["bound_fraction"] = round(row["useful_gflops"] / bound, 3) if bound else None
+
+
+def linear_layers_gflops(
+    config: Any, device: torch.device, precision: str, rows: int = LINEAR_ROWS, seconds: float = 1.0
+) -> float:
+    """GFLOP/s of a pass's linear layers alone on ``rows`` tokens: per encoder layer the
+    query/key/value matmul, the attention output, the feed-forward in (with its activation) and
+    out, with random weights of the model's shapes, run as the engine runs them: packed bfloat16
+    weights with the activation inside the matmul (``fused_layers.PackedLinear``) where the CPU
+    has them, ``F.linear`` otherwise. What a pass would reach if everything around its linear
+    layers (attention, softmax, layer norms, residual sums, casts, dropout masks) took no time:
+    the ceiling of any fusion of them, below the bound because these matmuls are smaller than
+    the bound's and follow one another (per token and layer 2 (4 h^2 + 2 h i) FLOP, ``pass_flops``
+    without attention's products)."""
+    from transformers.activations import ACT2FN
+
+    from worker.inference.fused_layers import ACTIVATIONS, PackedLinear, fused_linear_available
+
+    h = int(getattr(config, "hidden_size", 384))
+    i = int(getattr(config, "intermediate_size", 4 * h))
+    layers = int(getattr(config, "num_hidden_layers", 6))
+    activation = getattr(config, "hidden_act", "gelu")
+    activation = activation if isinstance(activation, str) and activation in ACTIVATIONS else ""
+    dtype = DTYPES[precision]
+    packed = precision == "bf16" and device.type == "cpu" and fused_linear_available()
+    shapes = [(h, 3 * h, ""), (h, h, ""), (h, i, activation), (i, h, "")]  # (in, out, activation)
+    calls: list[tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]] = []
+    for _ in range(layers):
+        for fan_in, fan_out, act in shapes:
+            linear = torch.nn.Linear(fan_in, fan_out, device=device).to(dtype)
+            x = torch.randn(rows, fan_in, device=device).to(dtype)
+            if packed:
+                calls.append((PackedLinear([linear], [1.0], act), x))
+            else:
+                calls.append((torch.nn.Sequential(linear, ACT2FN[act]) if act else linear, x))
+    flop = layers * 2.0 * (4 * h * h + 2 * h * i) * rows
+    with torch.inference_mode():
+        for call, x in calls:  # kernels chosen, weights packed
+            call(x)
+        _sync(device)
+        passes, started = 0, time.perf_counter()
+        while True:
+            for call, x in calls:
+                call(x)
+            passes += 1
+            _sync(device)
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds:
+                return flop * passes / elapsed / 1e9
+
+
+def linear_layers_ceiling(
+    config: Any, device: torch.device, bounds: dict[str, float], seconds: float = 1.0
+) -> dict[str, dict[str, float | None]]:
+    """Per precision of ``bounds``: the linear layers' GFLOP/s alone (``linear_layers_gflops``)
+    and their share of the bound, the highest share a pass of this model could reach."""
+    ceiling: dict[str, dict[str, float | None]] = {}
+    for precision, bound in bounds.items():
+        gflops = round(linear_layers_gflops(config, device, precision, seconds=seconds), 1)
+        ceiling[precision] = {
+            "rows": LINEAR_ROWS,
+            "gflops": gflops,
+            "bound_fraction": round(gflops / bound, 3) if bound else None,
+        }
+    return ceiling

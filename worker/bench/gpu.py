@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.bench.bound import measure_bounds, useful_flops_per_sample
+from worker.bench.bound import linear_layers_ceiling, measure_bounds, useful_flops_per_sample
 from worker.bench.inference import (
     DeviceProfile,
     engine_run,
@@ -228,6 +228,10 @@ def run_gpu_bench(
     part("gemm_gflops", lambda: measure_bounds(classifier.device))
     log(f"matmul bound, GFLOP/s: {result['gemm_gflops']}")
     bounds = result["gemm_gflops"] if "error" not in result["gemm_gflops"] else None
+    if bounds:
+        config = getattr(classifier.model, "config", None)
+        part("linear_layers", lambda: linear_layers_ceiling(config, classifier.device, bounds))
+        log(f"the model's linear layers alone: {result['linear_layers']}")
     part(
         "methods",
         lambda: run_inference_bench(

@@ -19,7 +19,12 @@ from typing import Any
 import psutil
 import torch
 
-from worker.bench.bound import measure_bounds, set_bound_fractions, steadier_bounds
+from worker.bench.bound import (
+    linear_layers_ceiling,
+    measure_bounds,
+    set_bound_fractions,
+    steadier_bounds,
+)
 from worker.bench.compression import compact_event, compression_table
 from worker.bench.inference import engine_run, predict_in_batches, run_inference_bench
 from worker.bench.ood_cost import ood_cost
@@ -517,6 +522,14 @@ def _run_bench(
     result["gemm_gflops_runs"] = {"before": before, "after": after}
     set_bound_fractions(result["methods"], result["gemm_gflops"])
     log(f"matmul bound, after the methods: {after}; used: {result['gemm_gflops']}")
+    result["linear_layers"] = executor.submit(
+        linear_layers_ceiling,
+        getattr(classifier.model, "config", None),
+        classifier.device,
+        result["gemm_gflops"],
+        bound_seconds,
+    ).result()
+    log(f"the model's linear layers alone (the ceiling of any fusion): {result['linear_layers']}")
     result["fast_agreement_vs_noise"] = fast_agreement_vs_noise(result["methods"])
     log(f"fast mode against the noise of full MC: {result['fast_agreement_vs_noise']}")
     log(markdown_table(result["methods"]))
