@@ -65,21 +65,16 @@ class SettledReader:
         self._committed = AIOKafkaConsumer(
             **connection_kwargs(kafka), enable_auto_commit=False, isolation_level="read_committed"
         )
-        self._uncommitted = AIOKafkaConsumer(
-            **connection_kwargs(kafka), enable_auto_commit=False, isolation_level="read_uncommitted"
-        )
+        self._kafka = kafka
+        self._uncommitted: AIOKafkaConsumer | None = None  # the first ``settled`` starts it
 
     async def start(self) -> None:
         await self._committed.start()
-        try:
-            await self._uncommitted.start()
-        except BaseException:
-            await self._committed.stop()
-            raise
 
     async def stop(self) -> None:
         try:
-            await self._uncommitted.stop()
+            if self._uncommitted is not None:
+                await self._uncommitted.stop()
         finally:
             await self._committed.stop()
 
@@ -102,6 +97,13 @@ class SettledReader:
         their last stable offset and high watermark)."""
         if not tps:
             return {}, {}
+        if self._uncommitted is None:
+            self._uncommitted = AIOKafkaConsumer(
+                **connection_kwargs(self._kafka),
+                enable_auto_commit=False,
+                isolation_level="read_uncommitted",
+            )
+            await self._uncommitted.start()
         stable = await self.ends(tps)
         high: dict[TopicPartition, int] = await self._uncommitted.end_offsets(tps)
         return (
