@@ -32,16 +32,26 @@ def gemm_gflops(device: torch.device, precision: str, seconds: float = 1.0) -> f
     dtype = DTYPES[precision]
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
-    flop = 2.0 * m * k * n
-    with torch.inference_mode():
-        for _ in range(5):  # kernels chosen, caches warm
+
+    def ten_matmuls() -> None:
+        for _ in range(10):
             a @ b
+
+    return sustained_gflops(ten_matmuls, 10 * 2.0 * m * k * n, device, seconds)
+
+
+def sustained_gflops(
+    step: Callable[[], object], flop: float, device: torch.device, seconds: float
+) -> float:
+    """GFLOP/s of ``step`` (``flop`` per call) called again and again for at least ``seconds``,
+    after one untimed call (kernels chosen, weights packed, caches warm)."""
+    with torch.inference_mode():
+        step()
         _sync(device)
         calls, started = 0, time.perf_counter()
         while True:
-            for _ in range(10):
-                a @ b
-            calls += 10
+            step()
+            calls += 1
             _sync(device)
             elapsed = time.perf_counter() - started
             if elapsed >= seconds:
@@ -135,20 +145,14 @@ def linear_layers_gflops(
                 calls.append((PackedLinear([linear], [1.0], act), x))
             else:
                 calls.append((torch.nn.Sequential(linear, ACT2FN[act]) if act else linear, x))
-    flop = layers * 2.0 * (4 * h * h + 2 * h * i) * rows
-    with torch.inference_mode():
-        for call, x in calls:  # kernels chosen, weights packed
+
+    def one_pass() -> None:
+        for call, x in calls:
             call(x)
-        _sync(device)
-        passes, started = 0, time.perf_counter()
-        while True:
-            for call, x in calls:
-                call(x)
-            passes += 1
-            _sync(device)
-            elapsed = time.perf_counter() - started
-            if elapsed >= seconds:
-                return flop * passes / elapsed / 1e9
+
+    return sustained_gflops(
+        one_pass, layers * 2.0 * (4 * h * h + 2 * h * i) * rows, device, seconds
+    )
 
 
 def linear_layers_ceiling(
