@@ -58,7 +58,7 @@ class SettledReader:
     its transactional id is used again or ``transaction.timeout.ms`` after it began; a hanging
     one (a broker fault) only when an operator aborts it. ``settled`` splits partitions into
     those that can be read now and those that must wait, so that one undecided transaction holds
-    back only its own partition."""
+    back only its own partition; while partitions wait, it warns every ``SETTLE_LOG_EVERY_S``."""
 
     def __init__(self, kafka: KafkaSettings, topic: str) -> None:
         self.topic = topic
@@ -67,6 +67,7 @@ class SettledReader:
         )
         self._kafka = kafka
         self._uncommitted: AIOKafkaConsumer | None = None  # the first ``settled`` starts it
+        self._waiting = UndecidedLog(topic)
 
     async def start(self) -> None:
         await self._committed.start()
@@ -106,22 +107,18 @@ class SettledReader:
             await self._uncommitted.start()
         stable = await self.ends(tps)
         high: dict[TopicPartition, int] = await self._uncommitted.end_offsets(tps)
-        return (
-            {tp: stable[tp] for tp in tps if stable[tp] >= high[tp]},
-            {tp: (stable[tp], high[tp]) for tp in tps if stable[tp] < high[tp]},
-        )
+        undecided = {tp: (stable[tp], high[tp]) for tp in tps if stable[tp] < high[tp]}
+        self._waiting.note(undecided)
+        return {tp: stable[tp] for tp in tps if tp not in undecided}, undecided
 
     async def wait_until_settled(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
-        """The ends of ``tps``, each taken once no transaction on it is undecided; a warning
-        every ``SETTLE_LOG_EVERY_S`` while the wait lasts."""
+        """The ends of ``tps``, each taken once no transaction on it is undecided."""
         ends: dict[TopicPartition, int] = {}
-        waiting = UndecidedLog(self.topic)
         while tps:
             settled, undecided = await self.settled(tps)
             ends |= settled
             tps = list(undecided)
             if undecided:
-                waiting.note(undecided)
                 await asyncio.sleep(SETTLE_POLL_S)
         return ends
 
@@ -142,14 +139,21 @@ class SettledReader:
 
 class UndecidedLog:
     """A warning, at most every ``SETTLE_LOG_EVERY_S``, while partitions wait for undecided
-    transactions."""
+    transactions; the wait starts at the first check that finds one and ends at a check that
+    finds none."""
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
-        self.started = self.warned = time.monotonic()
+        self.started: float | None = None
+        self.warned = 0.0
 
     def note(self, undecided: dict[TopicPartition, tuple[int, int]]) -> None:
         now = time.monotonic()
+        if not undecided:
+            self.started = None
+            return
+        if self.started is None:
+            self.started = self.warned = now
         if now - self.warned < SETTLE_LOG_EVERY_S:
             return
         self.warned = now

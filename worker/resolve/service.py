@@ -42,7 +42,7 @@ from worker.exit_codes import EXIT_CONFIG, EXIT_DELIVERY, EXIT_KAFKA, EXIT_OK, F
 from worker.http import HealthServer
 from worker.kafka.admin import ensure_topics, partition_counts, read_topic_limits
 from worker.kafka.clients import build_consumer, build_producer
-from worker.kafka.snapshot import SETTLE_POLL_S, SettledReader, UndecidedLog
+from worker.kafka.snapshot import SETTLE_POLL_S, SettledReader
 from worker.resolve.join import Outcome, ResolveState
 from worker.settings import WorkerSettings
 
@@ -95,7 +95,6 @@ class Resolver:
         self._ready = False
         self.to_restore: set[TopicPartition] = set()  # assigned, paused until restored
         self._changelog: SettledReader | None = None  # open while partitions wait for a restore
-        self._undecided: UndecidedLog | None = None
         self._restore_due = 0.0  # when the main loop checks the waiting partitions again
 
     def request_stop(self) -> None:
@@ -310,17 +309,14 @@ class Resolver:
         already count it, so a state without it would skip its records for good.)"""
         if not partitions:
             return set()
-        if self._changelog is None:
-            self._changelog = SettledReader(self.settings.kafka, self.resolver.changelog())
-            await self._changelog.start()
-            self._undecided = UndecidedLog(self.resolver.changelog())
-        started = time.monotonic()
         changelog = self.resolver.changelog()
+        if self._changelog is None:
+            self._changelog = SettledReader(self.settings.kafka, changelog)
+            await self._changelog.start()
+        started = time.monotonic()
         ends, undecided = await self._changelog.settled(
             [TopicPartition(changelog, p) for p in partitions]
         )
-        if undecided and self._undecided is not None:
-            self._undecided.note(undecided)
         if ends:
             records = await self._changelog.read(ends)
             for p, got in records.items():
@@ -337,7 +333,7 @@ class Resolver:
         return {tp.partition for tp in undecided}
 
     async def _close_changelog(self) -> None:
-        reader, self._changelog, self._undecided = self._changelog, None, None
+        reader, self._changelog = self._changelog, None
         if reader is not None:
             with contextlib.suppress(Exception):
                 await reader.stop()
